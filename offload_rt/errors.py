@@ -1,0 +1,35 @@
+"""Errors a user can act on. Each message names the file, tensor or option at fault."""
+
+from __future__ import annotations
+
+
+class OffloadError(Exception):
+    """Base class of every error offload_rt raises on purpose."""
+
+
+class CheckpointError(OffloadError):
+    """A model folder, config or weight file is missing, malformed or inconsistent."""
+
+
+class TokenizerError(OffloadError):
+    """The tokenizer file is missing or unreadable."""
+
+
+class OptionError(OffloadError):
+    """A user-given option (CLI flag or API argument) is invalid."""
+
+
+class BudgetError(OffloadError):
+    """The memory budgets cannot hold what the model needs to run."""
+
+
+class ContextLengthError(OffloadError):
+    """Prompt plus requested tokens exceed the model's context."""
+
+
+class BusyError(OffloadError):
+    """A generation is already running on this runtime."""
+
+
+class LoaderError(OffloadError):
+    """A background expert load failed; the original exception is chained."""
