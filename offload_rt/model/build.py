@@ -1,0 +1,40 @@
+"""Materialize the trunk from a checkpoint: modules built on ``meta``, weights assigned from the
+files, so no second copy of the model ever exists in RAM."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.model.transformer import Transformer
+from offload_rt.tensor_names import trunk_shapes
+
+_ATTN = ("wq", "wk", "wv", "wo")
+
+
+def parameter_name(canonical: str) -> str:
+    """Canonical tensor name -> parameter name in ``Transformer``."""
+    if canonical.startswith("layers."):
+        _, index, part = canonical.split(".", 2)
+        return f"layers.{index}.attn.{part}.weight" if part in _ATTN \
+            else f"layers.{index}.{part}.weight"
+    return f"{canonical}.weight"
+
+
+def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+    """The resident part of the model (everything but experts), in ``dtype`` on ``device``."""
+    with torch.device("meta"):
+        model = Transformer(ckpt.config)
+    state = {parameter_name(c): ckpt.read(c, dtype).to(device)
+             for c in trunk_shapes(ckpt.config)}
+    if ckpt.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def read_expert(ckpt: Checkpoint, layer: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
+    """One expert as a fresh packed buffer [w1 | w3 | w2] in ``dtype``."""
+    out = torch.empty(ckpt.config.expert_numel, dtype=dtype)
+    ckpt.read_expert_into(layer, expert, out)
+    return out

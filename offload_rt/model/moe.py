@@ -1,0 +1,38 @@
+"""The sparse MoE feed-forward layer: route, then run each chosen expert on its tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_rt.model.experts import ExpertProvider, expert_ffn
+from offload_rt.model.router import Router
+
+
+class MoELayer:
+    """Handed its router and expert source, so the source can be swapped (resident/offloaded).
+
+    Experts run in ascending id order whatever the source, so every source gives bit-identical
+    results; when the source can pin fewer experts than the tokens need (prefill at small cache
+    capacity) they are taken in groups, still in ascending order.
+    """
+
+    def __init__(self, layer: int, router: Router, experts: ExpertProvider,
+                 hidden: int, inter: int) -> None:
+        self.layer, self.router, self.experts = layer, router, experts
+        self.hidden, self.inter = hidden, inter
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] (already normed) -> [T, H]."""
+        probs, top_w, top_ids = self.router(x)  # [T, E], [T, K], [T, K]
+        self.experts.on_route(self.layer, probs, top_ids)
+        used = torch.unique(top_ids).tolist()  # sorted ascending
+        out = torch.zeros_like(x)
+        step = max(1, self.experts.max_group(self.layer))
+        for start in range(0, len(used), step):
+            group = used[start:start + step]
+            with self.experts.acquire(self.layer, group) as buffers:
+                for e in group:
+                    tok, kpos = torch.where(top_ids == e)
+                    y = expert_ffn(x[tok], buffers[e], self.hidden, self.inter)
+                    out.index_add_(0, tok, (y * top_w[tok, kpos, None]).to(out.dtype))
+        return out

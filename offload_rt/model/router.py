@@ -1,0 +1,25 @@
+"""The MoE router: softmax in float32 over all experts, top-k, weights renormalized (Mixtral)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))  # [E, H]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> float32 probabilities over all experts [T, E]."""
+        return torch.softmax(F.linear(x, self.weight).float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (probs float32 [T, E], weights float32 [T, K] summing to 1 per token,
+        expert ids int64 [T, K])."""
+        probs = self.probabilities(x)
+        top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
+        return probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids

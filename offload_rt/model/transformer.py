@@ -1,0 +1,72 @@
+"""The Mixtral decoder: resident trunk + an expert provider for the MoE layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offload_rt.config import ModelConfig
+from offload_rt.model.attention import Attention, KVCache
+from offload_rt.model.experts import ExpertProvider
+from offload_rt.model.moe import MoELayer
+from offload_rt.model.norm import RMSNorm
+from offload_rt.model.rope import rope_tables
+from offload_rt.model.router import Router
+
+
+class Block(nn.Module):
+    """One decoder layer's resident weights. Its MoE experts live in the provider."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k)
+
+
+class Transformer(nn.Module):
+    """Resident modules; ``attach`` gives it an expert provider and a KV cache to run."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # weight [V, H]
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # weight [V, H]
+        self.max_seq_len = 0
+        self._moe: list[MoELayer] = []
+        self._caches: list[KVCache] = []
+
+    def attach(self, experts: ExpertProvider, max_seq_len: int) -> None:
+        """Wire the MoE layers to ``experts`` and allocate KV caches for ``max_seq_len``."""
+        cfg, p = self.cfg, self.embed.weight
+        self._moe = [MoELayer(i, blk.router, experts, cfg.hidden_size, cfg.intermediate_size)
+                     for i, blk in enumerate(self.layers)]
+        self._caches = [KVCache(cfg.num_kv_heads, max_seq_len, cfg.head_dim, p.dtype, p.device)
+                        for _ in self.layers]
+        self._cos, self._sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta, p.device)
+        self.max_seq_len = max_seq_len
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self._caches)
+
+    def reset(self) -> None:
+        """Forget the context. Positions are overwritten on the next forward, so no clearing."""
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """token_ids: int64 [T] at positions start_pos.. -> float32 logits [T, V]."""
+        t = token_ids.shape[0]
+        if start_pos + t > self.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed the KV cache "
+                             f"({self.max_seq_len})")
+        cos, sin = self._cos[start_pos:start_pos + t], self._sin[start_pos:start_pos + t]
+        h = self.embed(token_ids.to(self.embed.weight.device))  # [T, H]
+        for blk, moe, cache in zip(self.layers, self._moe, self._caches):
+            h = h + blk.attn(blk.attn_norm(h), start_pos, cache, cos, sin)
+            moe.experts.observe(moe.layer, h)
+            h = h + moe(blk.ffn_norm(h))
+        return self.lm_head(self.norm(h)).float()

@@ -1,0 +1,140 @@
+"""A safetensors file read by byte ranges, so one tensor can be read without touching the rest.
+
+We parse the header ourselves (8-byte little-endian length + JSON) instead of using
+``safe_open`` because the offloading engine needs the exact byte range of every tensor: it reads
+one expert with ``preadv`` straight into a preallocated slot, optionally dropping the pages from
+the page cache afterwards so a CPU-only machine really stays within its memory budget.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offload_rt.errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset, byte count, dtype and shape."""
+
+    name: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _bad(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {why}")
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise _bad(path, f"corrupted header: entry for tensor '{name}' lacks dtype/shape/offsets")
+    dtype = DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise _bad(path, f"tensor '{name}' has unsupported dtype {entry['dtype']!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)):
+        raise _bad(path, f"corrupted header: bad shape or data_offsets for tensor '{name}'")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != numel * itemsize or begin < 0:
+        raise _bad(path, f"corrupted header: tensor '{name}' offsets {offsets} do not match "
+                         f"shape {shape} of {entry['dtype']}")
+    if end > data_len:
+        raise _bad(path, f"truncated file: tensor '{name}' ends at data byte {end} but the file "
+                         f"holds only {data_len} data bytes")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate the header of ``path``; every tensor's range must lie in the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"truncated file: {size} bytes, not a safetensors file")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+                raise _bad(path, f"corrupted or truncated header: declares {hlen} header bytes "
+                                 f"but the file has {size} bytes")
+            raw = f.read(hlen)
+    except OSError as exc:
+        raise _bad(path, f"cannot read: {exc}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"corrupted header: not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise _bad(path, "corrupted header: not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + hlen
+    return {name: _parse_entry(path, name, entry, data_start, size - data_start)
+            for name, entry in header.items()}
+
+
+def _writable_view(out: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise ValueError("read target must be a contiguous CPU tensor")
+    nbytes = out.numel() * out.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+
+
+def read_into(info: TensorInfo, out: torch.Tensor, *, drop_page_cache: bool = False) -> None:
+    """Read ``info``'s bytes into ``out`` (a CPU tensor of exactly ``info.nbytes`` bytes).
+
+    ``drop_page_cache`` advises the kernel to forget the pages just read (POSIX_FADV_DONTNEED),
+    so reading experts from disk does not silently grow the machine's memory use.
+    """
+    view = _writable_view(out)
+    if len(view) != info.nbytes:
+        raise ValueError(f"target holds {len(view)} bytes, tensor '{info.name}' has {info.nbytes}")
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.path}: unexpected end of file reading '{info.name}'")
+            done += n
+        if drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_tensor(info: TensorInfo, *, drop_page_cache: bool = False) -> torch.Tensor:
+    """Read one tensor into freshly allocated memory, with its file dtype and shape."""
+    out = torch.empty(info.shape, dtype=info.dtype)
+    read_into(info, out, drop_page_cache=drop_page_cache)
+    return out
