@@ -1,0 +1,312 @@
+"""The generation loop: prefill the prompt, then decode one token at a time, as ids or as text.
+
+Model-agnostic: anything with `reset`, `forward(token_ids, start_pos)` and `max_seq_len` works,
+so tests drive it with a fake model and the runtime with the offloaded MoE model. Use:
+`stream = stream_text(...)`, iterate it for text, then read `stream.result`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from offload_rt.errors import ContextLengthError, OptionError
+from offload_rt.sampling import Sampler, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["eos", "length", "stop", "cancelled"]
+
+
+class CausalLM(Protocol):
+    """What the loop needs from a model: a KV cache it can clear and a logits function."""
+
+    max_seq_len: int  # context length (KV cache size)
+
+    def reset(self) -> None: ...
+
+    def forward(self, token_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """token_ids: long [T] at positions start_pos.. -> float32 logits [T, vocab]."""
+        ...
+
+
+class TextDecoder(Protocol):
+    """Incremental detokenizer (offload_rt.stream_decoder.StreamDecoder satisfies it)."""
+
+    def push(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """When to stop and how to pick tokens. `stop` strings end generation at the text level."""
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OptionError(f"max_new_tokens must be an int >= 1, got {n!r}")
+        if isinstance(self.stop, str):
+            raise OptionError(f"stop must be a sequence of strings, not one string: {self.stop!r}")
+        stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise OptionError(f"stop must hold non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", stop)  # accept a list, store it immutably
+
+
+@dataclass
+class GenerationResult:
+    """What a finished run produced, filled in as it goes.
+
+    token_ids excludes the prompt and the EOS token, but includes the tokens that spelled a stop
+    string (they were generated and are in the KV cache). text is filled by stream_text only,
+    and excludes the stop string.
+    finish_reason stays None while running or if the caller stopped iterating early. Timings
+    count only the loop's own work, not time the caller spends between tokens.
+    """
+
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    time_to_first_token_s: float = 0.0  # reset + prefill forward + first sample
+    decode_steps: int = 0  # one-token forwards after the prefill
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class TextChunk:
+    """A piece of text and the ids pushed since the previous piece (they may span several)."""
+
+    text: str
+    token_ids: list[int]
+
+
+def _check_prompt(model: CausalLM, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+    if len(prompt_ids) == 0:
+        raise OptionError("prompt_ids is empty; generation needs at least one prompt token")
+    needed = len(prompt_ids) + config.max_new_tokens
+    if needed > model.max_seq_len:
+        raise ContextLengthError(
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} = "
+            f"{needed} exceeds the model's context length (max_seq_len) of {model.max_seq_len}; "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
+def _log_finish(result: GenerationResult) -> None:
+    r = result
+    n, ttft, rate = len(r.token_ids), r.time_to_first_token_s, r.decode_tokens_per_s
+    logger.debug(
+        "finished (%s): %d tokens, first %.3fs, %.2f tok/s", r.finish_reason, n, ttft, rate
+    )
+
+
+class TokenStream(Iterator[int]):
+    """Generated token ids, one per `next`; `result` holds ids, finish reason and timings.
+
+    Validation happens at construction so a bad request fails before any model work; the model
+    is reset and run only as the stream is iterated.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig,
+        *,
+        eos_id: int | None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        _check_prompt(model, prompt_ids, config)
+        self.result = GenerationResult(prompt_tokens=len(prompt_ids))
+        self._model = model
+        self._config = config
+        self._stop_id = None if config.ignore_eos else eos_id
+        self._cancel = cancel
+        self._ids = self._run(torch.tensor(list(prompt_ids), dtype=torch.long))
+
+    def __next__(self) -> int:
+        return next(self._ids)
+
+    def close(self) -> None:
+        """Stop early: no further forward passes run."""
+        self._ids.close()
+
+    def _run(self, prompt: torch.Tensor) -> Iterator[int]:
+        sampler = Sampler(self._config.sampling)
+        inputs, pos = prompt, 0  # the first forward is the whole prompt (prefill)
+        for step in range(self._config.max_new_tokens):
+            if self._cancel is not None and self._cancel.is_set():
+                self._finish("cancelled")
+                return
+            start = time.perf_counter()
+            if step == 0:
+                self._model.reset()
+            with torch.inference_mode():
+                logits = self._model.forward(inputs, pos)  # [T, vocab]
+            token = sampler.sample(logits[-1])
+            self._record_time(step, time.perf_counter() - start)
+            if token == self._stop_id:
+                self._finish("eos")
+                return
+            self.result.token_ids.append(token)
+            yield token
+            pos += inputs.numel()
+            inputs = torch.tensor([token], dtype=torch.long)
+        self._finish("length")
+
+    def _record_time(self, step: int, seconds: float) -> None:
+        if step == 0:
+            self.result.time_to_first_token_s = seconds
+        else:
+            self.result.decode_steps += 1
+            self.result.decode_s += seconds
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.result.finish_reason = reason
+        _log_finish(self.result)
+
+
+def generate_ids(
+    model: CausalLM,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    *,
+    eos_id: int | None,
+    cancel: threading.Event | None = None,
+) -> TokenStream:
+    """Generate token ids after `prompt_ids`; read `.result` on the returned stream afterwards.
+
+    Stops at EOS (not yielded) unless config.ignore_eos, after max_new_tokens, or once `cancel`
+    is set (checked before each forward pass, so at most one more token follows).
+    """
+    return TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel)
+
+
+class StopStringFilter:
+    """Holds back text that might begin a stop string until the next text settles it.
+
+    Invariant: a stop string never starts inside text already released, because any suffix of
+    the buffer that is a prefix of a stop string is kept back.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stops)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was found). After True, stop."""
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buf[:cut], True
+        keep = self._partial_match_len(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """Release held text at the end of generation: it never became a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_match_len(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        longest = max((len(s) for s in self._stops), default=1)
+        for n in range(min(len(buf), longest - 1), 0, -1):
+            if any(s.startswith(buf[-n:]) for s in self._stops):
+                return n
+        return 0
+
+
+class TextStream(Iterator[str]):
+    """Generated text pieces, honouring stop strings; `result` also gets the final text.
+
+    Iterate it for `str` pieces, or iterate `chunks()` for TextChunk (text plus the ids behind
+    it); both draw from the same single-use stream.
+    """
+
+    def __init__(self, tokens: TokenStream, decoder: TextDecoder, stop: Sequence[str]) -> None:
+        self._tokens = tokens
+        self.result = tokens.result
+        self._decoder = decoder
+        self._filter = StopStringFilter(stop)
+        self._chunks = self._run()
+
+    def __next__(self) -> str:
+        return next(self._chunks).text
+
+    def chunks(self) -> Iterator[TextChunk]:
+        return self._chunks
+
+    def close(self) -> None:
+        """Stop early: no further forward passes run."""
+        self._chunks.close()
+        self._tokens.close()
+
+    def _run(self) -> Iterator[TextChunk]:
+        pending: list[int] = []  # ids whose text has not been emitted yet
+        for token in self._tokens:
+            pending.append(token)
+            text, stopped = self._filter.push(self._decoder.push(token))
+            if stopped:
+                self._tokens.close()
+                self._stop()
+            if text:
+                yield self._emit(text, pending)
+                pending = []
+            if stopped:
+                return
+        yield from self._finish(pending)
+
+    def _finish(self, pending: list[int]) -> Iterator[TextChunk]:
+        """After the ids end: the decoder's last bytes may still complete a stop string."""
+        text, stopped = self._filter.push(self._decoder.flush())
+        if stopped:
+            self._stop()
+        else:
+            text += self._filter.flush()
+        if text:
+            yield self._emit(text, pending)
+
+    def _emit(self, text: str, ids: list[int]) -> TextChunk:
+        self.result.text += text
+        return TextChunk(text=text, token_ids=ids)
+
+    def _stop(self) -> None:
+        self.result.finish_reason = "stop"
+        _log_finish(self.result)
+
+
+def stream_text(
+    model: CausalLM,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    decoder: TextDecoder,
+    *,
+    eos_id: int | None,
+    cancel: threading.Event | None = None,
+) -> TextStream:
+    """Generate text after `prompt_ids`, stopping at EOS, length, cancel or a stop string.
+
+    Text that might be the start of a stop string is held until disambiguated; the stop string
+    itself is never emitted. Read `.result` on the returned stream afterwards.
+    """
+    tokens = TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel)
+    return TextStream(tokens, decoder, config.stop)
