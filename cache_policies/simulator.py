@@ -1,0 +1,216 @@
+"""Replay an expert-access trace through a policy at a given capacity, as the runtime would.
+
+A trace is a sequence of *steps*; a step is the experts one layer needs at once (the top-k of
+one token at one layer). The simulator mirrors the expert cache exactly, so its counts equal
+the runtime's for the same trace, policy and capacity:
+
+    for each step: pin the step's keys (all of them, for the whole step)
+        for each key of the step, in order (``now`` = global index of this access):
+            resident -> hit: ``on_access(key, now)``
+            else     -> miss: if the pool is full,
+                            victim = choose_victim(resident keys not pinned, now); on_evict(victim)
+                        on_insert(key, now); on_access(key, now)
+
+``now`` counts every key of every step (0, 1, 2, ...), so ``BeladyPolicy`` can be given the
+flattened trace (``flatten(accesses)``). Pure Python, no numpy: the hot loop is a dict lookup
+and one policy call per hit; a full-pool miss passes a reused live view of the candidates
+instead of building a list, so nothing is allocated per access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import overload
+
+from cache_policies.base import CachePolicy
+from cache_policies.keys import ExpertKey
+
+PolicyFactory = Callable[[], CachePolicy]
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Counts of one simulation; per-layer dicts are keyed by layer index."""
+
+    hits: int
+    misses: int
+    accesses: int
+    hit_rate: float  # hits / accesses, 0.0 for an empty trace
+    layer_hits: dict[int, int]
+    layer_misses: dict[int, int]
+    capacity: int  # slots per pool: per layer when per_layer, else in total
+    per_layer: bool
+    policy: str  # the policy's name
+
+
+class _Evictable(Sequence[ExpertKey]):
+    """The candidates of a miss, as a live view: resident keys that the current step does not pin.
+
+    Building a list per miss costs O(pool size) even when the policy only looks at the oldest
+    key or two (LRU), which dominates with large global pools. The view answers ``in`` in O(1)
+    and iterates lazily; the simulator re-aims one instance at each miss, which is safe because
+    the contract forbids a policy to keep ``candidates`` after ``choose_victim`` returns.
+    """
+
+    __slots__ = ("pinned", "resident")
+
+    def __init__(self) -> None:
+        self.resident: dict[ExpertKey, None] = {}
+        self.pinned: Sequence[ExpertKey] = ()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.resident and key not in self.pinned
+
+    def __iter__(self) -> Iterator[ExpertKey]:
+        pinned = self.pinned
+        return (k for k in self.resident if k not in pinned)
+
+    def __bool__(self) -> bool:  # cheaper than __len__: stops at the first candidate
+        pinned = self.pinned
+        for k in self.resident:
+            if k not in pinned:
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self.resident) - sum(1 for k in set(self.pinned) if k in self.resident)
+
+    @overload
+    def __getitem__(self, index: int) -> ExpertKey: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ExpertKey]: ...
+    def __getitem__(self, index: int | slice) -> ExpertKey | list[ExpertKey]:
+        return list(self)[index]  # O(n); policies normally iterate instead
+
+
+def flatten(accesses: Sequence[Sequence[ExpertKey]]) -> list[ExpertKey]:
+    """The trace as one access sequence, index = the simulator's ``now`` (for ``opt``)."""
+    return [key for step in accesses for key in step]
+
+
+def simulate(
+    accesses: Sequence[Sequence[ExpertKey]],
+    policy_factory: PolicyFactory,
+    capacity: int,
+    *,
+    per_layer: bool = True,
+    num_layers: int | None = None,
+) -> SimResult:
+    """Replay ``accesses`` through pools of ``capacity`` slots, one policy instance per pool.
+
+    ``per_layer``: one pool (and one ``policy_factory()`` instance) per layer, each of
+    ``capacity`` slots, as when every layer has its own slot budget; otherwise one global pool.
+    ``num_layers``: when given, keys must have ``0 <= layer < num_layers`` and the per-layer
+    dicts list every layer, used or not.
+    Raises ``ValueError`` if ``capacity`` is below 1 or below the number of distinct keys a step
+    needs from one pool (they are all pinned at once, so they must fit together).
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    _check_steps_fit(accesses, capacity, per_layer)
+    shared: tuple[dict[ExpertKey, None], CachePolicy] | None = None
+    if not per_layer:
+        shared = ({}, policy_factory())
+    # layer -> (resident keys of its pool, the pool's policy, [hits, misses] of this layer)
+    pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]] = {}
+
+    def add_layer(layer: int) -> tuple[dict[ExpertKey, None], CachePolicy, list[int]]:
+        if num_layers is not None and not 0 <= layer < num_layers:
+            raise ValueError(f"trace has layer {layer}, outside num_layers={num_layers}")
+        resident, policy = shared if shared is not None else ({}, policy_factory())
+        pools[layer] = (resident, policy, [0, 0])
+        return pools[layer]
+
+    for layer in range(num_layers or 0):
+        add_layer(layer)
+    now = _replay(accesses, pools, add_layer, capacity)
+    return _result(pools, now, capacity, per_layer, shared)
+
+
+def _replay(
+    accesses: Sequence[Sequence[ExpertKey]],
+    pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
+    add_layer: Callable[[int], tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
+    capacity: int,
+) -> int:
+    """The hot loop; returns the number of accesses replayed. Kept flat on purpose: speed."""
+    now = 0
+    candidates = _Evictable()
+    for step in accesses:
+        for key in step:
+            try:
+                resident, policy, counts = pools[key[0]]
+            except KeyError:
+                resident, policy, counts = add_layer(key[0])
+            if key in resident:
+                counts[0] += 1
+                policy.on_access(key, now)
+            else:
+                counts[1] += 1
+                if len(resident) >= capacity:
+                    candidates.resident = resident
+                    candidates.pinned = step
+                    victim = policy.choose_victim(candidates, now)
+                    if victim not in resident or victim in step:
+                        raise RuntimeError(
+                            f"policy {policy!r} chose {victim!r}, which is not an evictable "
+                            f"resident key (access {now}, step {list(step)})"
+                        )
+                    del resident[victim]
+                    policy.on_evict(victim)
+                resident[key] = None
+                policy.on_insert(key, now)
+                policy.on_access(key, now)
+            now += 1
+    return now
+
+
+def _check_steps_fit(
+    accesses: Sequence[Sequence[ExpertKey]], capacity: int, per_layer: bool
+) -> None:
+    """Every step's distinct keys of one pool must fit in that pool (they are pinned together)."""
+    if not accesses or max(map(len, accesses)) <= capacity:
+        return  # the common case, checked at C speed
+    for index, step in enumerate(accesses):
+        if len(step) <= capacity:
+            continue
+        for pool, needed in _distinct_per_pool(step, per_layer):
+            if needed > capacity:
+                where = f"layer {pool}'s pool" if per_layer else "the pool"
+                raise ValueError(
+                    f"step {index} needs {needed} distinct experts of {where} at once, more "
+                    f"than capacity={capacity}; capacity must be >= the largest step"
+                )
+
+
+def _distinct_per_pool(step: Sequence[ExpertKey], per_layer: bool) -> Iterator[tuple[int, int]]:
+    by_pool: dict[int, set[ExpertKey]] = {}
+    for key in step:
+        by_pool.setdefault(key[0] if per_layer else 0, set()).add(key)
+    for pool, keys in by_pool.items():
+        yield pool, len(keys)
+
+
+def _result(
+    pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
+    accesses: int,
+    capacity: int,
+    per_layer: bool,
+    shared: tuple[dict[ExpertKey, None], CachePolicy] | None,
+) -> SimResult:
+    layer_hits = {layer: pools[layer][2][0] for layer in sorted(pools)}
+    layer_misses = {layer: pools[layer][2][1] for layer in sorted(pools)}
+    hits = sum(layer_hits.values())
+    any_policy = shared[1] if shared else next((p for _, p, _ in pools.values()), None)
+    return SimResult(
+        hits=hits,
+        misses=accesses - hits,
+        accesses=accesses,
+        hit_rate=hits / accesses if accesses else 0.0,
+        layer_hits=layer_hits,
+        layer_misses=layer_misses,
+        capacity=capacity,
+        per_layer=per_layer,
+        policy=getattr(any_policy, "name", "") if any_policy is not None else "",
+    )
