@@ -57,8 +57,10 @@ class Transformer(nn.Module):
         """Forget the context. Positions are overwritten on the next forward, so no clearing."""
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """token_ids: int64 [T] at positions start_pos.. -> float32 logits [T, V]."""
+    def forward(self, token_ids: torch.Tensor, start_pos: int, *,
+                last_only: bool = False) -> torch.Tensor:
+        """token_ids: int64 [T] at positions start_pos.. -> float32 logits [T, V] ([1, V] for
+        the last position only when ``last_only``: prefill needs no more)."""
         t = token_ids.shape[0]
         if start_pos + t > self.max_seq_len:
             raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed the KV cache "
@@ -69,4 +71,6 @@ class Transformer(nn.Module):
             h = h + blk.attn(blk.attn_norm(h), start_pos, cache, cos, sin)
             moe.experts.observe(moe.layer, h)
             h = h + moe(blk.ffn_norm(h))
+        if last_only:
+            h = h[-1:]
         return self.lm_head(self.norm(h)).float()

@@ -1,0 +1,1 @@
+"""The expert offloading engine: tiers with budgets, an expert cache per tier, prefetch."""

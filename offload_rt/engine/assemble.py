@@ -1,0 +1,50 @@
+"""Assemble an ``OffloadedExperts`` from a checkpoint, the trunk and a memory plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from cache_policies import ExpertKey
+from cache_policies.base import CachePolicy
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.engine.budget import MemoryPlan
+from offload_rt.engine.expert_cache import ExpertCache
+from offload_rt.engine.offloaded import OffloadedExperts, Reader, Tier
+from offload_rt.engine.prefetch import NextLayerPredictor
+from offload_rt.engine.slots import SlotPool
+from offload_rt.engine.transfer import CudaHostToDevice, HostToDevice
+from offload_rt.model.transformer import Transformer
+
+
+def disk_reader(ckpt: Checkpoint, drop_page_cache: bool) -> Reader:
+    """Reads one expert from the safetensors files straight into a packed slot."""
+
+    def read(key: ExpertKey, out: torch.Tensor) -> None:
+        ckpt.read_expert_into(key.layer, key.expert, out, drop_page_cache=drop_page_cache)
+
+    return read
+
+
+def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,
+                    policy_factory: Callable[[], CachePolicy], *, dtype: torch.dtype,
+                    device: torch.device, prefetch_depth: int, drop_page_cache: bool,
+                    reader: Reader | None = None) -> OffloadedExperts:
+    """Slot pools allocated once, caches over them, and the prefetch predictor."""
+    cfg = ckpt.config
+    numel = cfg.expert_numel
+    dev_cache = ExpertCache("device", plan.device_slots_per_pool, plan.num_pools, policy_factory)
+    device_tier = Tier(dev_cache, SlotPool(dev_cache.num_slots, numel, dtype, device))
+    host_tier, h2d = None, HostToDevice()
+    if device.type == "cuda":
+        host_cache = ExpertCache("host", plan.host_slots, 1, policy_factory)
+        host_tier = Tier(host_cache, SlotPool(plan.host_slots, numel, dtype,
+                                              torch.device("cpu"), pin_memory=True))
+        h2d = CudaHostToDevice(device, dev_cache.num_slots)
+    predictor = NextLayerPredictor([b.ffn_norm for b in trunk.layers],
+                                   [b.router for b in trunk.layers], cfg.top_k)
+    return OffloadedExperts(device_tier, reader or disk_reader(ckpt, drop_page_cache),
+                            plan.footprint.expert, host=host_tier, h2d=h2d,
+                            predictor=predictor, prefetch_depth=prefetch_depth,
+                            per_layer=plan.num_pools > 1)

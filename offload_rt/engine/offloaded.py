@@ -1,0 +1,262 @@
+"""``OffloadedExperts``: the ExpertProvider that streams experts through the tiers.
+
+    disk (safetensors) -> [host slots, pinned; CUDA only] -> device slots -> expert compute
+
+Demand loads run in the caller's thread (a stall, timed); predicted loads run on the prefetch
+thread. One condition variable guards every cache's bookkeeping; bytes move outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from cache_policies import ExpertKey
+from offload_rt.engine.expert_cache import LOADING, RESIDENT, ExpertCache
+from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
+from offload_rt.engine.slots import SlotPool
+from offload_rt.engine.stats import EngineStats
+from offload_rt.engine.transfer import HostToDevice
+from offload_rt.errors import LoaderError
+
+Reader = Callable[[ExpertKey, torch.Tensor], None]  # fills a packed buffer from disk
+WAIT_S = 0.05  # waits are sliced so a background failure surfaces quickly
+
+
+class Tier:
+    """A cache and its slot storage."""
+
+    def __init__(self, cache: ExpertCache, slots: SlotPool) -> None:
+        self.cache, self.slots = cache, slots
+
+
+class OffloadedExperts:
+    """Expert weights cached on the device tier, fed from an optional host tier and the disk."""
+
+    def __init__(self, device: Tier, reader: Reader, expert_nbytes: int, *,
+                 host: Tier | None = None, h2d: HostToDevice | None = None,
+                 predictor: NextLayerPredictor | None = None, prefetch_depth: int = 0,
+                 per_layer: bool = True) -> None:
+        self.device, self.host, self.reader = device, host, reader
+        self.h2d = h2d or HostToDevice()
+        self.expert_nbytes = expert_nbytes
+        self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
+        self.stats = EngineStats()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._hidden: torch.Tensor | None = None
+        self._protected: frozenset[ExpertKey] = frozenset()
+        self._prefetched: set[ExpertKey] = set()  # loaded ahead, not used yet
+        device.cache._on_evict = self._evicted
+        self._worker = PrefetchWorker(self._cond, self._prefetch_one) \
+            if predictor is not None and prefetch_depth > 0 else None
+
+    # ---- ExpertProvider -------------------------------------------------------------------
+    def max_group(self, layer: int) -> int:
+        return self.device.cache.pools[0].capacity
+
+    def observe(self, layer: int, hidden: torch.Tensor) -> None:
+        with self._cond:
+            self._raise_pending()
+            if layer == 0:
+                self.stats.tokens += hidden.shape[0]
+        # Prefill routes many tokens at once: only single-token decode steps predict ahead.
+        self._hidden = hidden if hidden.shape[0] == 1 else None
+
+    def on_route(self, layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
+        needed = frozenset(ExpertKey(layer, e) for e in torch.unique(ids).tolist())
+        with self._cond:
+            self._protected = needed
+            if self._worker is None or self._hidden is None or self.predictor is None:
+                return
+        keys, scores = self.predictor.predict(layer, self._hidden, self.depth)
+        with self._cond:
+            self.device.cache.predict(scores)
+            if self.host is not None:
+                self.host.cache.predict(scores)
+            self._worker.submit(keys, layer)
+
+    @contextmanager
+    def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Mapping[int, torch.Tensor]]:
+        keys = [ExpertKey(layer, e) for e in experts]
+        slots: dict[int, int] = {}
+        try:
+            with self._cond:
+                self._raise_pending()
+                for key in keys:
+                    slots[key.expert] = self._acquire_one(key)
+            for slot in slots.values():
+                self.h2d.ready(slot)
+            yield {e: self.device.slots[s] for e, s in slots.items()}
+        finally:
+            with self._cond:
+                for e, slot in slots.items():
+                    self.device.cache.unpin(ExpertKey(layer, e))
+                    self.h2d.released(slot)
+                self._cond.notify_all()
+
+    # ---- demand path (caller's thread, lock held on entry and exit) ------------------------
+    def _acquire_one(self, key: ExpertKey) -> int:
+        cache = self.device.cache
+        cache.tick()
+        counted = False
+        while True:
+            state = cache.state.get(key)
+            if state == RESIDENT:
+                if not counted:
+                    self._count(key, hit=True)
+                cache.touch(key)
+                cache.pin(key)
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.stats.prefetch_useful += 1
+                return cache.slot(key)  # type: ignore[return-value]
+            if state == LOADING:  # a prefetch is bringing it: a hit, possibly late
+                if not counted:
+                    self._count(key, hit=True)
+                    counted = True
+                self._wait()
+                continue
+            slot = cache.reserve(key)  # pins alone guard the demand path
+            if slot is None:  # every free slot is pinned or still loading: wait for one
+                self._wait()
+                continue
+            if not counted:
+                self._count(key, hit=False)
+            cache.pin(key)
+            self._load_unlocked(key, slot, demand=True)
+            cache.touch(key)
+            return slot
+
+    def _count(self, key: ExpertKey, hit: bool) -> None:
+        if hit:
+            self.stats.hits += 1
+            self.stats.layer_hits[key.layer] += 1
+        else:
+            self.stats.misses += 1
+            self.stats.layer_misses[key.layer] += 1
+
+    def _wait(self) -> None:
+        start = time.perf_counter()
+        self._cond.wait(WAIT_S)
+        self.stats.stall_s += time.perf_counter() - start
+        self._raise_pending()
+
+    def _load_unlocked(self, key: ExpertKey, slot: int, demand: bool) -> None:
+        """Fill device ``slot`` with ``key`` (lock held on entry/exit, released meanwhile)."""
+        start = time.perf_counter()
+        self._cond.release()
+        try:
+            self._fill(key, slot)
+        except BaseException as exc:
+            self._cond.acquire()
+            self.device.cache.abort(key)
+            if demand:
+                self.device.cache.unpin(key)
+                self._cond.notify_all()
+                raise LoaderError(f"loading expert {key} failed: {exc}") from exc
+            raise
+        self._cond.acquire()
+        if demand:
+            self.stats.stall_s += time.perf_counter() - start
+        self.device.cache.commit(key)
+        self._cond.notify_all()
+
+    def _fill(self, key: ExpertKey, slot: int) -> None:
+        """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
+        dst = self.device.slots[slot]
+        if self.host is None:
+            self.reader(key, dst)
+            with self._cond:
+                self.stats.bytes_from_disk += self.expert_nbytes
+            return
+        hslot = self._host_acquire(key)
+        try:
+            self.h2d.copy(dst, self.host.slots[hslot], slot)
+        finally:
+            with self._cond:
+                self.host.cache.unpin(key)
+                self.stats.bytes_host_to_device += self.expert_nbytes
+                self._cond.notify_all()
+
+    def _host_acquire(self, key: ExpertKey) -> int:
+        """Pin ``key`` in the host tier, reading it from disk on a host miss."""
+        assert self.host is not None
+        cache = self.host.cache
+        with self._cond:
+            cache.tick()
+            while True:
+                state = cache.state.get(key)
+                if state == RESIDENT:
+                    self.stats.host_hits += 1
+                    cache.touch(key)
+                    cache.pin(key)
+                    return cache.slot(key)  # type: ignore[return-value]
+                if state == LOADING:
+                    self._cond.wait(WAIT_S)
+                    continue
+                hslot = cache.reserve(key)
+                if hslot is None:
+                    self._cond.wait(WAIT_S)
+                    continue
+                self.stats.host_misses += 1
+                cache.pin(key)
+                break
+        try:
+            self.reader(key, self.host.slots[hslot])
+        except BaseException:
+            with self._cond:
+                cache.unpin(key)
+                cache.abort(key)
+            raise
+        with self._cond:
+            cache.commit(key)
+            cache.touch(key)
+            self.stats.bytes_from_disk += self.expert_nbytes
+        return hslot
+
+    # ---- prefetch path (worker thread) ------------------------------------------------------
+    def _prefetch_one(self, key: ExpertKey) -> None:
+        with self._cond:
+            cache = self.device.cache
+            if key in cache.state or self._error is not None:
+                return
+            slot = cache.reserve(key, self._protected)
+            if slot is None:
+                return
+            self.stats.prefetch_issued += 1
+            self._prefetched.add(key)
+            try:
+                self._load_unlocked(key, slot, demand=False)
+            except BaseException as exc:  # handed to the caller's thread
+                self._prefetched.discard(key)
+                self._error = exc
+                self._cond.notify_all()
+
+    def _evicted(self, key: ExpertKey) -> None:
+        if key in self._prefetched:
+            self._prefetched.discard(key)
+            self.stats.prefetch_wasted += 1
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise LoaderError(f"background expert load failed: {exc}") from exc
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Wait until no prefetch is queued or running (tests, clean shutdown)."""
+        with self._cond:
+            if self._worker is not None:
+                self._worker.clear()
+                while self._worker.busy:
+                    self._cond.wait(WAIT_S)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

@@ -1,0 +1,61 @@
+"""Runtime options: one frozen dataclass shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.errors import OptionError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+POOLS = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a model. Sizes are human strings ('6GiB', '512MB') or 'auto'.
+
+    ``offload``: None = offload only when the experts do not fit the budget, True = always run
+    through the expert cache, False = keep every expert resident.
+    """
+
+    device: str = "cpu"
+    dtype: str | None = None  # None: the checkpoint's dtype
+    gpu_memory: str | int | None = None
+    cpu_memory: str | int | None = None
+    cache_experts: int | None = None  # research knob: device slots per layer
+    policy: str = "lru"
+    prefetch: int = 1  # layers ahead; 0 = off
+    pool: str = "layer"  # "layer": one pool per layer; "global": one shared pool
+    max_seq_len: int | None = None  # None: min(model context, 4096)
+    prefill_chunk: int = 512
+    offload: bool | None = None
+    drop_page_cache: bool = True  # expert reads bypass the page cache (see README)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise OptionError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.pool not in POOLS:
+            raise OptionError(f"--pool {self.pool!r}: choose one of {list(POOLS)}")
+        if self.prefetch < 0:
+            raise OptionError(f"--prefetch must be >= 0, got {self.prefetch}")
+        if self.cache_experts is not None and self.cache_experts < 1:
+            raise OptionError(f"--cache-experts must be >= 1, got {self.cache_experts}")
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise OptionError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
+        if self.prefill_chunk < 1:
+            raise OptionError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
+
+    def torch_device(self) -> torch.device:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionError(f"--device {self.device}: CUDA is not available in this torch "
+                              f"build ({torch.__version__}); use --device cpu or install a "
+                              "CUDA build of torch")
+        return torch.device(self.device)
+
+    def torch_dtype(self, file_dtype: torch.dtype) -> torch.dtype:
+        return DTYPES[self.dtype] if self.dtype else file_dtype

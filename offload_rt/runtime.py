@@ -1,0 +1,236 @@
+"""The embedding API: ``offload_rt.load(model_dir, **options)`` -> ``Runtime``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cache_policies import make_policy
+from offload_rt.chat_template import encode_chat
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.engine.assemble import build_offloaded
+from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
+from offload_rt.engine.offloaded import OffloadedExperts
+from offload_rt.engine.sizes import format_size, parse_size
+from offload_rt.engine.stats import EngineStats
+from offload_rt.errors import BusyError, OptionError
+from offload_rt.generation import GenerationConfig, GenerationResult, stream_text
+from offload_rt.model.build import build_trunk, read_expert
+from offload_rt.model.experts import ExpertProvider, ResidentExperts
+from offload_rt.model.transformer import Transformer
+from offload_rt.options import RuntimeOptions
+from offload_rt.sampling import SamplingConfig
+from offload_rt.stream_decoder import StreamDecoder
+from offload_rt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+DEFAULT_CONTEXT = 4096
+
+
+class _ChunkedLM:
+    """The generation loop's model: prefill in chunks (bounded work memory), last logits only."""
+
+    def __init__(self, model: Transformer, chunk: int) -> None:
+        self.model, self.chunk = model, chunk
+        self.max_seq_len = model.max_seq_len
+
+    def reset(self) -> None:
+        self.model.reset()
+
+    def forward(self, token_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        logits = None
+        for i in range(0, token_ids.shape[0], self.chunk):
+            logits = self.model(token_ids[i:i + self.chunk], start_pos + i, last_only=True)
+        assert logits is not None
+        return logits
+
+
+@dataclass
+class Output:
+    """What ``Runtime.generate`` returns."""
+
+    text: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Runtime:
+    """A loaded model ready to generate. Not re-entrant: one generation at a time."""
+
+    def __init__(self, ckpt: Checkpoint, options: RuntimeOptions,
+                 tokenizer: Tokenizer | None) -> None:
+        self.checkpoint, self.options, self.tokenizer = ckpt, options, tokenizer
+        self.config = ckpt.config
+        self.device = options.torch_device()
+        self.dtype = options.torch_dtype(ckpt.dtype)
+        self.max_seq_len = min(options.max_seq_len or DEFAULT_CONTEXT, self.config.max_seq_len)
+        self._busy = threading.Lock()
+        self._cancel = threading.Event()
+        self.last_result: GenerationResult | None = None
+        self.last_prompt_ids: list[int] = []
+        self._resident_stats = EngineStats()
+        self.plan = self._plan()
+        self.model = build_trunk(ckpt, self.dtype, self.device)
+        self.experts = self._experts()
+        self.model.attach(self.experts, self.max_seq_len)
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _plan(self) -> MemoryPlan:
+        o, cfg = self.options, self.config
+        if o.cache_experts is not None and not cfg.top_k <= o.cache_experts <= cfg.num_experts:
+            raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
+                              f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
+        fp = footprint(cfg, self.dtype, self.max_seq_len, o.prefill_chunk)
+        on_gpu = self.device.type == "cuda"
+        return plan_memory(cfg, fp, self.device,
+                           device_budget=parse_size(o.gpu_memory if on_gpu else o.cpu_memory,
+                                                    "--gpu-memory" if on_gpu else "--cpu-memory"),
+                           host_budget=parse_size(o.cpu_memory, "--cpu-memory") if on_gpu
+                           else None,
+                           cache_experts=o.cache_experts, per_layer=o.pool == "layer")
+
+    @property
+    def offloaded(self) -> bool:
+        total = self.config.num_layers * self.config.num_experts
+        if self.options.offload is not None:
+            return self.options.offload
+        return self.options.cache_experts is not None or self.plan.device_slots < total
+
+    def _experts(self) -> ExpertProvider:
+        cfg, o = self.config, self.options
+        if not self.offloaded:
+            log.info("all %d experts resident (%s each)", cfg.num_layers * cfg.num_experts,
+                     format_size(self.plan.footprint.expert))
+            return ResidentExperts({(i, e): read_expert(self.checkpoint, i, e, self.dtype)
+                                    .to(self.device) for i in range(cfg.num_layers)
+                                    for e in range(cfg.num_experts)}, cfg.num_experts)
+        log.info("offloading: %d device slots (%s each), %d host slots, policy %s, prefetch %d",
+                 self.plan.device_slots, format_size(self.plan.footprint.expert),
+                 self.plan.host_slots, o.policy, o.prefetch)
+        make_policy(o.policy)  # fail early, with the registry's message, on a bad name
+        return build_offloaded(self.checkpoint, self.model, self.plan,
+                               lambda: make_policy(o.policy), dtype=self.dtype,
+                               device=self.device, prefetch_depth=o.prefetch,
+                               drop_page_cache=o.drop_page_cache)
+
+    # ---- generation -------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int] | None = None, *,
+               messages: Sequence[Mapping[str, str]] | None = None) -> list[int]:
+        """Prompt ids: raw text (BOS + sentencepiece), given ids, or a chat (template)."""
+        if (prompt is None) == (messages is None):
+            raise OptionError("give exactly one of prompt= or messages=")
+        if messages is not None:
+            return encode_chat(self._tok(), messages)
+        if isinstance(prompt, str):
+            return self._tok().encode(prompt, bos=True)
+        return [int(t) for t in prompt]  # type: ignore[union-attr]
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise OptionError(f"{self.checkpoint.model_dir}: no tokenizer.model; pass token ids")
+        return self.tokenizer
+
+    def stream(self, prompt: str | Sequence[int] | None = None, *,
+               messages: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 128,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, stop: Sequence[str] = (),
+               ignore_eos: bool = False) -> Iterator[str]:
+        """Yield text pieces as they are generated. ``self.last_result`` holds ids and timing."""
+        ids = self.encode(prompt, messages=messages)
+        self.last_prompt_ids = ids
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
+                                  ignore_eos=ignore_eos,
+                                  sampling=SamplingConfig(temperature, top_k, top_p, seed))
+        if not self._busy.acquire(blocking=False):
+            raise BusyError("a generation is already running on this runtime; wait for it or "
+                            "call cancel()")
+        try:
+            self._cancel.clear()
+            self.stats.reset()
+            decoder = StreamDecoder(self._tok()) if self.tokenizer else _IdDecoder()
+            text_stream = stream_text(_ChunkedLM(self.model, self.options.prefill_chunk), ids,
+                                      config, decoder, eos_id=self.config.eos_token_id,
+                                      cancel=self._cancel)
+            self.last_result = text_stream.result
+            yield from text_stream
+        finally:
+            self._busy.release()
+
+    def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Output:
+        """Run to completion; returns text, ids, finish reason and statistics."""
+        start = time.perf_counter()
+        text = "".join(self.stream(prompt, **kwargs))
+        result = self.last_result
+        assert result is not None
+        return Output(text, list(self.last_prompt_ids),
+                      list(result.token_ids), result.finish_reason,
+                      self.stats_dict(time.perf_counter() - start))
+
+    def cancel(self) -> None:
+        """Stop the running generation (from any thread) before its next token."""
+        self._cancel.set()
+
+    @property
+    def stats(self) -> EngineStats:
+        if isinstance(self.experts, OffloadedExperts):
+            return self.experts.stats
+        return self._resident_stats
+
+    def stats_dict(self, wall_s: float | None = None) -> dict[str, Any]:
+        r = self.last_result
+        out = self.stats.as_dict()
+        if r is not None:
+            n = len(r.token_ids)
+            out.update(tokens=n, prompt_tokens=r.prompt_tokens,
+                       time_to_first_token_s=round(r.time_to_first_token_s, 6),
+                       decode_tokens_per_s=round(r.decode_tokens_per_s, 3))
+            if wall_s:
+                out["tokens_per_s"] = round(n / wall_s, 3)
+                out["wall_s"] = round(wall_s, 6)
+        out["offloaded"] = self.offloaded
+        return out
+
+    def close(self) -> None:
+        """Stop background threads and drop the model's memory."""
+        if isinstance(self.experts, OffloadedExperts):
+            self.experts.close()
+        self.experts = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _IdDecoder:
+    """Stands in for a tokenizer-less model: text is empty, ids are still returned."""
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+def load(model_dir: str | Path, **options: Any) -> Runtime:
+    """Open, validate and load a model folder. Options: see ``RuntimeOptions``."""
+    ckpt = Checkpoint.open(model_dir)
+    tok_path = Path(ckpt.model_dir)
+    tokenizer = Tokenizer.from_model_dir(tok_path) if any(
+        tok_path.glob("tokenizer.model*")) else None
+    known = RuntimeOptions.__dataclass_fields__
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise OptionError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    return Runtime(ckpt, RuntimeOptions(**options), tokenizer)
