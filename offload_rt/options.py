@@ -10,7 +10,7 @@ from offload_rt.errors import OptionError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-POOLS = ("layer", "global")
+POOLS = ("auto", "layer", "global")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class RuntimeOptions:
     cache_experts: int | None = None  # research knob: device slots per layer
     policy: str = "lru"
     prefetch: int = 1  # layers ahead; 0 = off
-    pool: str = "layer"  # "layer": one pool per layer; "global": one shared pool
+    pool: str = "auto"  # "layer": a pool per layer; "global": one shared; "auto": layer if it fits
     max_seq_len: int | None = None  # None: min(model context, 4096)
     prefill_chunk: int = 512
     offload: bool | None = None

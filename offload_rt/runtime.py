@@ -96,7 +96,8 @@ class Runtime:
                                                     "--gpu-memory" if on_gpu else "--cpu-memory"),
                            host_budget=parse_size(o.cpu_memory, "--cpu-memory") if on_gpu
                            else None,
-                           cache_experts=o.cache_experts, per_layer=o.pool == "layer")
+                           cache_experts=o.cache_experts,
+                           per_layer={"layer": True, "global": False}.get(o.pool))
 
     @property
     def offloaded(self) -> bool:

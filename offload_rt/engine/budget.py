@@ -77,13 +77,19 @@ def _slots(budget: int, fp: Footprint, pools: int, cap: int) -> int:
 
 def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
                 device_budget: int | None, host_budget: int | None,
-                cache_experts: int | None, per_layer: bool) -> MemoryPlan:
-    """Slots per tier within the budgets; ``BudgetError`` naming the minimum if impossible."""
+                cache_experts: int | None, per_layer: bool | None) -> MemoryPlan:
+    """Slots per tier within the budgets; ``BudgetError`` naming the minimum if impossible.
+
+    ``per_layer=None`` picks per-layer pools when the budget holds top_k experts of every
+    layer, else one global pool (e.g. Mixtral 8x7B in bf16 on a 12 GB GPU: 24 slots in all).
+    """
+    budget = device_budget if device_budget is not None else (
+        available_gpu(device) if device.type == "cuda" else available_ram())
+    if per_layer is None:
+        per_layer = budget >= fp.fixed + cfg.top_k * cfg.num_layers * fp.expert
     pools = cfg.num_layers if per_layer else 1
     cap = cfg.num_experts if per_layer else cfg.num_experts * cfg.num_layers
     minimum = cfg.top_k
-    budget = device_budget if device_budget is not None else (
-        available_gpu(device) if device.type == "cuda" else available_ram())
     need_min = fp.fixed + minimum * pools * fp.expert
     if budget < need_min:
         which = "--gpu-memory" if device.type == "cuda" else "--cpu-memory"
