@@ -22,7 +22,7 @@ from offload_rt.engine.sizes import format_size, parse_size
 from offload_rt.engine.stats import EngineStats
 from offload_rt.errors import BusyError, OptionError
 from offload_rt.generation import GenerationConfig, GenerationResult, stream_text
-from offload_rt.model.build import build_trunk, read_expert
+from offload_rt.model.build import Progress, build_trunk, read_expert
 from offload_rt.model.experts import ExpertProvider, ResidentExperts
 from offload_rt.model.transformer import Transformer
 from offload_rt.options import RuntimeOptions
@@ -67,7 +67,7 @@ class Runtime:
     """A loaded model ready to generate. Not re-entrant: one generation at a time."""
 
     def __init__(self, ckpt: Checkpoint, options: RuntimeOptions,
-                 tokenizer: Tokenizer | None) -> None:
+                 tokenizer: Tokenizer | None, progress: Progress | None = None) -> None:
         self.checkpoint, self.options, self.tokenizer = ckpt, options, tokenizer
         self.config = ckpt.config
         self.device = options.torch_device()
@@ -79,8 +79,8 @@ class Runtime:
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
         self.plan = self._plan()
-        self.model = build_trunk(ckpt, self.dtype, self.device)
-        self.experts = self._experts()
+        self.model = build_trunk(ckpt, self.dtype, self.device, progress)
+        self.experts = self._experts(progress)
         self.model.attach(self.experts, self.max_seq_len)
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -106,14 +106,12 @@ class Runtime:
             return self.options.offload
         return self.options.cache_experts is not None or self.plan.device_slots < total
 
-    def _experts(self) -> ExpertProvider:
+    def _experts(self, progress: Progress | None) -> ExpertProvider:
         cfg, o = self.config, self.options
         if not self.offloaded:
             log.info("all %d experts resident (%s each)", cfg.num_layers * cfg.num_experts,
                      format_size(self.plan.footprint.expert))
-            return ResidentExperts({(i, e): read_expert(self.checkpoint, i, e, self.dtype)
-                                    .to(self.device) for i in range(cfg.num_layers)
-                                    for e in range(cfg.num_experts)}, cfg.num_experts)
+            return ResidentExperts(self._read_all_experts(progress), cfg.num_experts)
         log.info("offloading: %d device slots (%s each), %d host slots, policy %s, prefetch %d",
                  self.plan.device_slots, format_size(self.plan.footprint.expert),
                  self.plan.host_slots, o.policy, o.prefetch)
@@ -122,6 +120,16 @@ class Runtime:
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
                                drop_page_cache=o.drop_page_cache)
+
+    def _read_all_experts(self, progress: Progress | None) -> dict[tuple[int, int], torch.Tensor]:
+        cfg = self.config
+        keys = [(i, e) for i in range(cfg.num_layers) for e in range(cfg.num_experts)]
+        buffers = {}
+        for n, (i, e) in enumerate(keys):
+            buffers[(i, e)] = read_expert(self.checkpoint, i, e, self.dtype).to(self.device)
+            if progress is not None:
+                progress(n + 1, len(keys))
+        return buffers
 
     # ---- generation -------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, *,
@@ -224,8 +232,11 @@ class _IdDecoder:
         return ""
 
 
-def load(model_dir: str | Path, **options: Any) -> Runtime:
-    """Open, validate and load a model folder. Options: see ``RuntimeOptions``."""
+def load(model_dir: str | Path, *, progress: Progress | None = None, **options: Any) -> Runtime:
+    """Open, validate and load a model folder. Options: see ``RuntimeOptions``.
+
+    ``progress(done, total)`` is called as weights are read (the CLI draws a bar with it).
+    """
     ckpt = Checkpoint.open(model_dir)
     tok_path = Path(ckpt.model_dir)
     tokenizer = Tokenizer.from_model_dir(tok_path) if any(
@@ -234,4 +245,4 @@ def load(model_dir: str | Path, **options: Any) -> Runtime:
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-    return Runtime(ckpt, RuntimeOptions(**options), tokenizer)
+    return Runtime(ckpt, RuntimeOptions(**options), tokenizer, progress)

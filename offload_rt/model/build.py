@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Callable
+
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.model.transformer import Transformer
 from offload_rt.tensor_names import trunk_shapes
@@ -21,12 +23,20 @@ def parameter_name(canonical: str) -> str:
     return f"{canonical}.weight"
 
 
-def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str) -> Transformer:
+Progress = Callable[[int, int], None]  # (done, total) tensors or experts
+
+
+def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str,
+                progress: Progress | None = None) -> Transformer:
     """The resident part of the model (everything but experts), in ``dtype`` on ``device``."""
     with torch.device("meta"):
         model = Transformer(ckpt.config)
-    state = {parameter_name(c): ckpt.read(c, dtype).to(device)
-             for c in trunk_shapes(ckpt.config)}
+    names = list(trunk_shapes(ckpt.config))
+    state = {}
+    for i, canonical in enumerate(names):
+        state[parameter_name(canonical)] = ckpt.read(canonical, dtype).to(device)
+        if progress is not None:
+            progress(i + 1, len(names))
     if ckpt.config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
