@@ -6,7 +6,12 @@ from cache_policies.keys import ExpertKey
 from cache_policies.lfu import LFUPolicy
 from cache_policies.lrfu import LRFUPolicy
 from cache_policies.lru import LRUPolicy
-from cache_policies.registry import available_policies, make_policy, register_policy
+from cache_policies.registry import (
+    available_policies,
+    make_policy,
+    policy_class,
+    register_policy,
+)
 from cache_policies.router import RouterPolicy
 from cache_policies.simulator import SimResult, flatten, simulate
 from cache_policies.static import StaticPolicy
@@ -25,6 +30,7 @@ __all__ = [
     "available_policies",
     "flatten",
     "make_policy",
+    "policy_class",
     "register_policy",
     "simulate",
 ]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cache_policies import policy_class
 from offload_rt.errors import OptionError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -47,6 +48,13 @@ class RuntimeOptions:
             raise OptionError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
         if self.prefill_chunk < 1:
             raise OptionError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
+        try:
+            policy_class(self.policy)
+        except ValueError as exc:
+            raise OptionError(f"--policy: {exc}") from exc
+        if self.policy == "opt":
+            raise OptionError("--policy opt (Belady) needs the future: it runs in the simulator "
+                              "(offload-rt simulate), not live")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
 

@@ -90,12 +90,11 @@ class Runtime:
             raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
                               f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
         fp = footprint(cfg, self.dtype, self.max_seq_len, o.prefill_chunk)
+        gpu = parse_size(o.gpu_memory, "--gpu-memory")
+        cpu = parse_size(o.cpu_memory, "--cpu-memory")
         on_gpu = self.device.type == "cuda"
-        return plan_memory(cfg, fp, self.device,
-                           device_budget=parse_size(o.gpu_memory if on_gpu else o.cpu_memory,
-                                                    "--gpu-memory" if on_gpu else "--cpu-memory"),
-                           host_budget=parse_size(o.cpu_memory, "--cpu-memory") if on_gpu
-                           else None,
+        return plan_memory(cfg, fp, self.device, device_budget=gpu if on_gpu else cpu,
+                           host_budget=cpu if on_gpu else None,
                            cache_experts=o.cache_experts,
                            per_layer={"layer": True, "global": False}.get(o.pool))
 
@@ -115,7 +114,6 @@ class Runtime:
         log.info("offloading: %d device slots (%s each), %d host slots, policy %s, prefetch %d",
                  self.plan.device_slots, format_size(self.plan.footprint.expert),
                  self.plan.host_slots, o.policy, o.prefetch)
-        make_policy(o.policy)  # fail early, with the registry's message, on a bad name
         return build_offloaded(self.checkpoint, self.model, self.plan,
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
@@ -141,7 +139,12 @@ class Runtime:
             return encode_chat(self._tok(), messages)
         if isinstance(prompt, str):
             return self._tok().encode(prompt, bos=True)
-        return [int(t) for t in prompt]  # type: ignore[union-attr]
+        ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise OptionError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                              f"(0..{self.config.vocab_size - 1})")
+        return ids
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -1,0 +1,197 @@
+"""``offload-rt generate``: one prompt in; text streamed to stdout, or one JSON object.
+
+The argument groups for runtime options (``add_runtime_arguments`` / ``runtime_options``) and
+sampling (``add_sampling_arguments`` / ``sampling_kwargs``) are public so other subcommands
+(chat, bench) can offer the same flags with the same meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import offload_rt
+from cache_policies.registry import available_policies, policy_class
+from offload_rt.engine.sizes import format_size
+from offload_rt.errors import OptionError
+from offload_rt.options import POOLS, RuntimeOptions
+from offload_rt.runtime import Output, Runtime
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def add_generate_parser(subparsers: Any,
+                        parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Register ``generate`` on the top-level parser's subparsers."""
+    parser = subparsers.add_parser(
+        "generate", parents=parents, help="generate text from one prompt",
+        description="Generate text from one prompt. Text streams to stdout and a summary "
+                    "line goes to stderr; with --json, stdout is one JSON object instead.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path,
+                        help="model folder (Hugging Face or Mistral-native layout)")
+    _add_prompt_arguments(parser)
+    add_sampling_arguments(parser)
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object (ids, text, finish_reason, stats) instead of "
+                          "streaming text")
+    add_runtime_arguments(parser)
+    parser.set_defaults(run=run_generate)
+    return parser
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prompt")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT",
+                        help="prompt text, encoded as BOS + SentencePiece ids; '-' reads it "
+                             "from stdin (one trailing newline removed)")
+    source.add_argument("--prompt-ids", metavar="IDS", type=_token_ids,
+                        help="prompt as comma-separated token ids, e.g. 1,2,3 (works for a "
+                             "model folder without a tokenizer)")
+    group.add_argument("--chat", action="store_true",
+                       help="wrap the prompt as one user message in the model's chat template")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for how many tokens, how to pick them and when to stop."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", metavar="N", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                       help="tokens to generate at most (default: %(default)s)")
+    group.add_argument("--temperature", metavar="T", type=float, default=0.0,
+                       help="0 = greedy (default: %(default)s)")
+    group.add_argument("--top-k", metavar="K", type=int, default=0,
+                       help="sample from the K most likely tokens; 0 = off (default: %(default)s)")
+    group.add_argument("--top-p", metavar="P", type=float, default=1.0,
+                       help="nucleus sampling mass; 1 = off (default: %(default)s)")
+    group.add_argument("--seed", metavar="S", type=int, default=None,
+                       help="random seed for sampling (default: nondeterministic)")
+    group.add_argument("--stop", metavar="STR", action="append", default=[],
+                       help="stop when this text appears (not printed); repeatable")
+    group.add_argument("--ignore-eos", action="store_true",
+                       help="keep generating past the end-of-sequence token")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``Runtime.stream``/``generate`` keyword arguments from ``add_sampling_arguments`` flags."""
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+            "stop": tuple(args.stop), "ignore_eos": args.ignore_eos}
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for ``RuntimeOptions``: device, dtype, memory budgets and the expert cache."""
+    d = RuntimeOptions()
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N "
+                       "(default: %(default)s)")
+    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
+                       help="compute dtype (default: the checkpoint's)")
+    group.add_argument("--gpu-memory", metavar="SIZE", default=d.gpu_memory,
+                       help="GPU budget, e.g. 6GiB or auto (default: auto)")
+    group.add_argument("--cpu-memory", metavar="SIZE", default=d.cpu_memory,
+                       help="RAM budget, e.g. 16GiB or auto (default: auto)")
+    group.add_argument("--cache-experts", metavar="K", type=int, default=d.cache_experts,
+                       help="device expert slots per layer (forces offloading)")
+    group.add_argument("--policy", metavar="NAME", type=_policy, default=d.policy,
+                       help=f"expert eviction policy: {', '.join(available_policies())}, or a "
+                            "class as pkg.module:Class (default: %(default)s)")
+    group.add_argument("--prefetch", metavar="D", type=int, default=d.prefetch,
+                       help="prefetch experts D layers ahead; 0 = off (default: %(default)s)")
+    group.add_argument("--pool", choices=POOLS, default=d.pool,
+                       help="expert cache pools: one per layer, one shared (global), or auto = "
+                            "per layer when that fits (default: %(default)s)")
+    group.add_argument("--max-seq-len", metavar="N", type=int, default=d.max_seq_len,
+                       help="context length to allocate (default: min(model's, 4096))")
+    group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=d.offload,
+                       help="always / never stream experts (default: only when they do not fit)")
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``offload_rt.load`` keyword arguments from ``add_runtime_arguments`` flags."""
+    return {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
+            "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
+            "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
+            "max_seq_len": args.max_seq_len, "offload": args.offload}
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Load the model, generate, print; errors propagate to ``cli.main``."""
+    request = {**prompt_kwargs(args, sys.stdin), **sampling_kwargs(args)}
+    with offload_rt.load(args.model_dir, **runtime_options(args)) as rt:
+        if args.json:
+            print(output_json(rt.generate(**request)), flush=True)
+        else:
+            print_stream(rt, request, sys.stdout, sys.stderr)
+    return 0
+
+
+def prompt_kwargs(args: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]:
+    """The prompt as ``Runtime.stream`` keywords: ``prompt=`` text or ids, or ``messages=``."""
+    if args.prompt_ids is not None:
+        if args.chat:
+            raise OptionError("--chat needs --prompt TEXT, not --prompt-ids")
+        return {"prompt": args.prompt_ids}
+    # stdin is read in text mode, so a Windows "\r\n" has already become "\n".
+    text = stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
+    if args.chat:
+        return {"messages": [{"role": "user", "content": text}]}
+    return {"prompt": text}
+
+
+def print_stream(rt: Runtime, request: dict[str, Any], out: IO[str], err: IO[str]) -> None:
+    """Write text pieces as they come, then a newline; then the summary line on ``err``."""
+    start = time.perf_counter()
+    for piece in rt.stream(**request):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    result = rt.last_result
+    reason = result.finish_reason if result is not None else None
+    print(summary_line(rt.stats_dict(time.perf_counter() - start), reason), file=err, flush=True)
+
+
+def output_json(output: Output) -> str:
+    """One line of JSON. ASCII-escaped, so no generated character can break the line."""
+    return json.dumps({"prompt_token_ids": output.prompt_token_ids,
+                       "token_ids": output.token_ids, "text": output.text,
+                       "finish_reason": output.finish_reason, "stats": output.stats})
+
+
+def summary_line(stats: dict[str, Any], finish_reason: str | None) -> str:
+    """'8 tokens (length), 190.8 tok/s, first token 0.004 s[, experts: ...]'."""
+    line = (f"{stats.get('tokens', 0)} tokens ({finish_reason}), "
+            f"{stats.get('tokens_per_s', 0.0):.1f} tok/s, "
+            f"first token {stats.get('time_to_first_token_s', 0.0):.3f} s")
+    if stats.get("offloaded"):
+        line += (f"; experts: hit rate {stats['hit_rate']:.1%} ({stats['hits']} hits, "
+                 f"{stats['misses']} misses), {format_size(stats['bytes_moved'])} moved, "
+                 f"stall {stats['stall_s']:.3f} s, prefetch {stats['prefetch_useful']} useful "
+                 f"/ {stats['prefetch_wasted']} wasted")
+    return line
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, e.g. 1,2,3; got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative token ids; got {text!r}")
+    return ids
+
+
+def _policy(spec: str) -> str:
+    """Check a policy name or dotted path now, so a typo fails before the model loads."""
+    try:
+        policy_class(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
