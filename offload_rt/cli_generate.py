@@ -11,18 +11,21 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import IO, Any
 
 import offload_rt
-from cache_policies.registry import available_policies, policy_class
+from offload_rt.cli_options import (
+    add_model_argument,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    model_dir,
+    progress_bar,
+    runtime_options,
+    sampling_kwargs,
+)
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
-from offload_rt.options import POOLS, RuntimeOptions
 from offload_rt.runtime import Output, Runtime
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def add_generate_parser(subparsers: Any,
@@ -32,8 +35,7 @@ def add_generate_parser(subparsers: Any,
         "generate", parents=parents, help="generate text from one prompt",
         description="Generate text from one prompt. Text streams to stdout and a summary "
                     "line goes to stderr; with --json, stdout is one JSON object instead.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path,
-                        help="model folder (Hugging Face or Mistral-native layout)")
+    add_model_argument(parser)
     _add_prompt_arguments(parser)
     add_sampling_arguments(parser)
     out = parser.add_argument_group("output")
@@ -58,72 +60,19 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="wrap the prompt as one user message in the model's chat template")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for how many tokens, how to pick them and when to stop."""
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", metavar="N", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                       help="tokens to generate at most (default: %(default)s)")
-    group.add_argument("--temperature", metavar="T", type=float, default=0.0,
-                       help="0 = greedy (default: %(default)s)")
-    group.add_argument("--top-k", metavar="K", type=int, default=0,
-                       help="sample from the K most likely tokens; 0 = off (default: %(default)s)")
-    group.add_argument("--top-p", metavar="P", type=float, default=1.0,
-                       help="nucleus sampling mass; 1 = off (default: %(default)s)")
-    group.add_argument("--seed", metavar="S", type=int, default=None,
-                       help="random seed for sampling (default: nondeterministic)")
-    group.add_argument("--stop", metavar="STR", action="append", default=[],
-                       help="stop when this text appears (not printed); repeatable")
-    group.add_argument("--ignore-eos", action="store_true",
-                       help="keep generating past the end-of-sequence token")
 
 
-def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``Runtime.stream``/``generate`` keyword arguments from ``add_sampling_arguments`` flags."""
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-            "stop": tuple(args.stop), "ignore_eos": args.ignore_eos}
 
 
-def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for ``RuntimeOptions``: device, dtype, memory budgets and the expert cache."""
-    d = RuntimeOptions()
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N "
-                       "(default: %(default)s)")
-    group.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
-                       help="compute dtype (default: the checkpoint's)")
-    group.add_argument("--gpu-memory", metavar="SIZE", default=d.gpu_memory,
-                       help="GPU budget, e.g. 6GiB or auto (default: auto)")
-    group.add_argument("--cpu-memory", metavar="SIZE", default=d.cpu_memory,
-                       help="RAM budget, e.g. 16GiB or auto (default: auto)")
-    group.add_argument("--cache-experts", metavar="K", type=int, default=d.cache_experts,
-                       help="device expert slots per layer (forces offloading)")
-    group.add_argument("--policy", metavar="NAME", type=_policy, default=d.policy,
-                       help=f"expert eviction policy: {', '.join(available_policies())}, or a "
-                            "class as pkg.module:Class (default: %(default)s)")
-    group.add_argument("--prefetch", metavar="D", type=int, default=d.prefetch,
-                       help="prefetch experts D layers ahead; 0 = off (default: %(default)s)")
-    group.add_argument("--pool", choices=POOLS, default=d.pool,
-                       help="expert cache pools: one per layer, one shared (global), or auto = "
-                            "per layer when that fits (default: %(default)s)")
-    group.add_argument("--max-seq-len", metavar="N", type=int, default=d.max_seq_len,
-                       help="context length to allocate (default: min(model's, 4096))")
-    group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=d.offload,
-                       help="always / never stream experts (default: only when they do not fit)")
 
 
-def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``offload_rt.load`` keyword arguments from ``add_runtime_arguments`` flags."""
-    return {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
-            "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
-            "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
-            "max_seq_len": args.max_seq_len, "offload": args.offload}
 
 
 def run_generate(args: argparse.Namespace) -> int:
     """Load the model, generate, print; errors propagate to ``cli.main``."""
     request = {**prompt_kwargs(args, sys.stdin), **sampling_kwargs(args)}
-    with offload_rt.load(args.model_dir, **runtime_options(args)) as rt:
+    with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
+                         **runtime_options(args)) as rt:
         if args.json:
             print(output_json(rt.generate(**request)), flush=True)
         else:
@@ -187,11 +136,3 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected non-negative token ids; got {text!r}")
     return ids
 
-
-def _policy(spec: str) -> str:
-    """Check a policy name or dotted path now, so a typo fails before the model loads."""
-    try:
-        policy_class(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return spec

@@ -3,9 +3,9 @@ files, so no second copy of the model ever exists in RAM."""
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
+
+import torch
 
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.model.transformer import Transformer

@@ -8,8 +8,8 @@ handed an ``ExpertProvider`` (all experts resident, or the offloading engine's c
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import ContextManager, Protocol
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class ExpertProvider(Protocol):
     def max_group(self, layer: int) -> int:
         """How many experts of ``layer`` may be held (pinned) at once."""
 
-    def acquire(self, layer: int, experts: Sequence[int]) -> ContextManager[Mapping[int, torch.Tensor]]:
+    def acquire(self, layer: int, experts: Sequence[int]) -> AbstractContextManager[Mapping[int, torch.Tensor]]:
         """Packed buffers of ``experts`` (sorted ids), valid and pinned inside the context."""
 
     def observe(self, layer: int, hidden: torch.Tensor) -> None:

@@ -1,0 +1,54 @@
+"""A multi-turn chat over a Runtime: history, the model's template, context trimming."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from offload_rt.errors import ContextLengthError
+from offload_rt.runtime import Runtime
+
+
+@dataclass
+class ChatSession:
+    """Keeps the conversation; each ``reply`` streams the assistant's answer.
+
+    When the conversation no longer fits the context with room for ``max_new_tokens``, the
+    oldest exchanges are dropped (the system prompt and the new question are kept).
+    """
+
+    runtime: Runtime
+    system: str | None = None
+    max_new_tokens: int = 256
+    sampling: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def _messages(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + turns
+
+    def _fitting(self, question: str) -> list[dict[str, str]]:
+        turns = [*self.history, {"role": "user", "content": question}]
+        limit = self.runtime.max_seq_len - self.max_new_tokens
+        while len(self.runtime.encode(messages=self._messages(turns))) > limit:
+            if len(turns) <= 1:
+                raise ContextLengthError(
+                    f"the question alone needs more than {limit} tokens (context "
+                    f"{self.runtime.max_seq_len} minus {self.max_new_tokens} for the answer)")
+            turns = turns[2:]  # drop the oldest user/assistant exchange
+        return turns
+
+    def reply(self, question: str) -> Iterator[str]:
+        """Stream the answer to ``question`` and add the exchange to the history."""
+        turns = self._fitting(question)
+        pieces: list[str] = []
+        for piece in self.runtime.stream(messages=self._messages(turns),
+                                         max_new_tokens=self.max_new_tokens, **self.sampling):
+            pieces.append(piece)
+            yield piece
+        answer = "".join(pieces).strip()
+        self.history = [*turns, {"role": "assistant", "content": answer or " "}]
