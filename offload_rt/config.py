@@ -69,8 +69,9 @@ def _require(data: dict[str, Any], key: str, path: Path, kind: type = int) -> An
     if key not in data or data[key] is None:
         raise CheckpointError(f"{path}: missing required field '{key}'")
     value = data[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise CheckpointError(f"{path}: field '{key}' must be an integer, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        # every required integer is a size or a count (a 0 would divide by zero below)
+        raise CheckpointError(f"{path}: field '{key}' must be a positive integer, got {value!r}")
     if kind is float and not isinstance(value, (int, float)):
         raise CheckpointError(f"{path}: field '{key}' must be a number, got {value!r}")
     return value
@@ -101,6 +102,14 @@ def _hf_check_architecture(data: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: unsupported hidden_act '{act}' (only 'silu')")
 
 
+def _checked(path: Path, **fields: Any) -> ModelConfig:
+    """ModelConfig's own consistency checks, with the file the values came from named."""
+    try:
+        return ModelConfig(**fields)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
 def _token_id(data: dict[str, Any], key: str, default: int) -> int:
     value = data.get(key, default)
     if isinstance(value, list):  # generation configs may list several EOS ids
@@ -119,7 +128,8 @@ def config_from_hf(path: Path) -> ModelConfig:
     window = data.get("sliding_window")
     if window:  # attention is full within the window: keep contexts inside it to stay exact
         max_pos = min(max_pos, int(window))
-    return ModelConfig(
+    return _checked(
+        path,
         hidden_size=hidden,
         intermediate_size=_require(data, "intermediate_size", path),
         num_layers=_require(data, "num_hidden_layers", path),
@@ -147,7 +157,8 @@ def config_from_mistral(path: Path) -> ModelConfig:
                               "(offload_rt runs Mixtral-family MoE models)")
     dim = _require(data, "dim", path)
     heads = _require(data, "n_heads", path)
-    return ModelConfig(
+    return _checked(
+        path,
         hidden_size=dim,
         intermediate_size=_require(data, "hidden_dim", path),
         num_layers=_require(data, "n_layers", path),

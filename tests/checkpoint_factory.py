@@ -312,9 +312,14 @@ def reference_greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int
     """Exactly n greedy new token ids; EOS does not stop it, so runtimes compare the full n."""
     model = load_reference_model(model_dir)
     model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),  # else prompt tokens equal to pad are masked
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
         )
     return out[0, len(prompt_ids) :].tolist()
 
