@@ -117,8 +117,8 @@ def _answer(session: ChatSession, question: str, out: IO[str], err: IO[str],
 def _stats_text(rt: Runtime, totals: Counter[str]) -> str:
     lookups = totals["hits"] + totals["misses"]
     lines = [f"answers: {totals['answers']}, tokens: {totals['tokens']}",
-             f"offloaded: {rt.offloaded}, policy: {rt.options.policy}, "
-             f"prefetch: {rt.options.prefetch}, device slots: {rt.plan.device_slots}"]
+             (f"offloaded: {rt.offloaded}, policy: {rt.options.policy}, "
+              f"prefetch: {rt.options.prefetch}, device slots: {rt.plan.device_slots}")]
     if lookups:
         lines.append(f"expert cache: {totals['hits']} hits, {totals['misses']} misses, hit rate "
                      f"{totals['hits'] / lookups:.1%}, {format_size(totals['bytes_moved'])} moved,"

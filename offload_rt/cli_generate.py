@@ -23,9 +23,11 @@ from offload_rt.cli_options import (
     runtime_options,
     sampling_kwargs,
 )
+from offload_rt.cli_simulate import add_trace_options, trace_kwargs
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
 from offload_rt.runtime import Output, Runtime
+from offload_rt.trace_recorder import record_trace
 
 
 def add_generate_parser(subparsers: Any,
@@ -43,6 +45,7 @@ def add_generate_parser(subparsers: Any,
                      help="print one JSON object (ids, text, finish_reason, stats) instead of "
                           "streaming text")
     add_runtime_arguments(parser)
+    add_trace_options(parser)
     parser.set_defaults(run=run_generate)
     return parser
 
@@ -73,11 +76,30 @@ def run_generate(args: argparse.Namespace) -> int:
     request = {**prompt_kwargs(args, sys.stdin), **sampling_kwargs(args)}
     with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
                          **runtime_options(args)) as rt:
-        if args.json:
+        if args.trace_output is not None:
+            output = traced_generate(rt, request, args)
+            print(output_json(output) if args.json else output.text, flush=True)
+            if not args.json:
+                print(summary_line(output.stats, output.finish_reason), file=sys.stderr)
+        elif args.json:
             print(output_json(rt.generate(**request)), flush=True)
         else:
             print_stream(rt, request, sys.stdout, sys.stderr)
     return 0
+
+
+def traced_generate(rt: Runtime, request: dict[str, Any], args: argparse.Namespace) -> Output:
+    """``generate`` with its routing recorded to ``--trace FILE`` (see docs/trace_format.md)."""
+    request = dict(request)
+    max_new = request.pop("max_new_tokens")
+    prompt = rt.encode(request.pop("prompt", None), messages=request.pop("messages", None))
+    start = time.perf_counter()
+    record_trace(rt, args.trace_output, [prompt], max_new, prompt_source="offload-rt generate",
+                 **trace_kwargs(args), **request)
+    result = rt.last_result
+    assert result is not None
+    return Output(result.text, prompt, list(result.token_ids), result.finish_reason,
+                  rt.stats_dict(time.perf_counter() - start))
 
 
 def prompt_kwargs(args: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]:

@@ -14,6 +14,16 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny models on a shared 2-core machine: intra-op threads only add wake-up latency (one
+    ``index_add_`` measured 10-40 ms with 2 threads under load, 5 us with one). Correctness
+    tests don't need them; benchmarks measure threading separately."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Default TinySpec in the HF layout. Shared by the session: copy it before corrupting it."""

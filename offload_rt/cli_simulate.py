@@ -1,0 +1,217 @@
+"""``offload-rt simulate`` (replay traces through policies) and ``offload-rt trace`` (record one).
+
+    offload-rt trace MODEL_DIR --prompt "Hello" --max-new-tokens 64 -o run.trace.jsonl.gz
+    offload-rt simulate run.trace.jsonl.gz --policies lru,lfu,opt --capacity 2,4,6 --plot hr.png
+    offload-rt simulate --synthetic --layers 32 --experts 8 --tokens 2000 --zipf 1.1
+
+Both only parse and call: ``offload_rt.trace_recorder`` records, ``cache_policies.sim_report``
+replays and tabulates, ``cache_policies.plot`` draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from cache_policies.sim_report import DEFAULT_POLICIES, Row, compare, format_table, rows_json
+from cache_policies.synthetic import SyntheticSpec, synthetic_trace
+from cache_policies.trace import Trace, read_trace, write_trace
+from offload_rt.errors import OptionError
+
+
+def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = None
+                        ) -> argparse.ArgumentParser:
+    """Register ``simulate`` on the top-level parser's subparsers."""
+    parser = subparsers.add_parser(
+        "simulate", parents=parents or [], help="replay routing traces through cache policies",
+        description="Replay routing traces (from `offload-rt trace`, or synthetic ones) through "
+                    "expert-cache eviction policies at several capacities, next to the optimal "
+                    "(Belady) policy. Prints a table, or one JSON line with --json.")
+    parser.add_argument("traces", metavar="TRACE", nargs="*", type=Path,
+                        help="trace files (.jsonl or .jsonl.gz)")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--policies", metavar="LIST", type=_names, default=list(DEFAULT_POLICIES),
+                     help="comma-separated policy names or pkg.module:Class paths "
+                          f"(default: {','.join(DEFAULT_POLICIES)})")
+    sim.add_argument("--capacity", metavar="LIST", type=_ints, default=[2, 4, 6],
+                     help="expert slots per layer to try, comma-separated; a global pool gets "
+                          "this many times the number of layers (default: 2,4,6)")
+    sim.add_argument("--pool", choices=("layer", "global"), default="layer",
+                     help="a pool per layer, or one shared pool (default: %(default)s)")
+    sim.add_argument("--prefetch", action="store_true",
+                     help="model prefetch: recorded predictions are loaded before the next "
+                          "layer runs (opt stays demand-only)")
+    sim.add_argument("--expert-bytes", metavar="N", type=int, default=None,
+                     help="bytes of one expert for MB/token (default: the trace's)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    out.add_argument("--per-layer", action="store_true", help="add per-layer hit rates to the table")
+    out.add_argument("--plot", metavar="PNG", type=Path, help="also write a hit-rate plot (needs "
+                     "pip install 'offload_rt[plot]')")
+    _add_synthetic_arguments(parser)
+    parser.set_defaults(run=run_simulate)
+    return parser
+
+
+def _add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
+    d = SyntheticSpec()
+    g = parser.add_argument_group("synthetic trace (instead of TRACE files)")
+    g.add_argument("--synthetic", action="store_true", help="generate a trace; no model needed")
+    g.add_argument("--layers", metavar="N", type=int, default=d.num_layers, help="default: %(default)s")
+    g.add_argument("--experts", metavar="N", type=int, default=d.num_experts, help="default: %(default)s")
+    g.add_argument("--top-k", metavar="K", type=int, default=d.top_k, help="default: %(default)s")
+    g.add_argument("--tokens", metavar="N", type=int, default=d.tokens, help="decode tokens "
+                   "(default: %(default)s)")
+    g.add_argument("--prefill", metavar="N", type=int, default=d.prefill, help="prompt tokens in one prefill "
+                   "call first (default: %(default)s)")
+    g.add_argument("--zipf", metavar="S", type=float, default=d.zipf, help="popularity exponent "
+                   "(default: %(default)s)")
+    g.add_argument("--locality", metavar="P", type=float, default=d.locality, help="probability a token "
+                   "reuses the previous token's experts (default: %(default)s)")
+    g.add_argument("--layer-skew", metavar="X", type=float, default=d.layer_skew, help="0..1: spread of the "
+                   "Zipf exponent over layers (default: %(default)s)")
+    g.add_argument("--predict-accuracy", metavar="P", type=float, default=None, help="record next-layer "
+                   "predictions right with this probability (default: none)")
+    g.add_argument("--seed", metavar="S", type=int, default=d.seed, help="default: %(default)s")
+    g.add_argument("--save-trace", metavar="FILE", type=Path, help="write the synthetic trace")
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Load or generate traces, compare policies, print; errors become ``OptionError``."""
+    rows: list[Row] = []
+    for label, trace in _traces(args):
+        try:
+            rows += compare(trace, args.policies, args.capacity, per_layer=args.pool == "layer",
+                            prefetch=args.prefetch, label=label, expert_bytes=args.expert_bytes)
+        except ValueError as exc:
+            raise OptionError(f"{label}: {exc}") from exc
+    if args.plot is not None:
+        from cache_policies.plot import plot_hit_rates
+
+        try:
+            plot_hit_rates(rows, args.plot)
+        except RuntimeError as exc:
+            raise OptionError(str(exc)) from exc
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(rows_json(rows) if args.json else format_table(rows, per_layer=args.per_layer),
+          flush=True)
+    return 0
+
+
+def _traces(args: argparse.Namespace) -> list[tuple[str, Trace]]:
+    if bool(args.traces) == bool(args.synthetic):
+        raise OptionError("give TRACE files or --synthetic (one of the two)")
+    if not args.synthetic:
+        try:
+            return [(path.name, read_trace(path)) for path in args.traces]
+        except ValueError as exc:
+            raise OptionError(str(exc)) from exc
+    try:
+        spec = SyntheticSpec(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
+                             tokens=args.tokens, prefill=args.prefill, zipf=args.zipf,
+                             locality=args.locality, layer_skew=args.layer_skew,
+                             predict_accuracy=args.predict_accuracy, seed=args.seed)
+    except ValueError as exc:
+        raise OptionError(f"--synthetic: {exc}") from exc
+    trace = synthetic_trace(spec)
+    if args.save_trace is not None:
+        write_trace(args.save_trace, trace)
+    return [("synthetic", trace)]
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated names, e.g. lru,opt")
+    return names
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 2,4,6, got {text!r}")
+    return values
+
+
+# ---- recording: offload-rt trace / --trace -------------------------------------------------------
+
+
+def add_trace_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """Flags for writing a routing trace (``--trace FILE``; ``trace_kwargs`` reads the rest).
+
+    ``args.trace_output`` is None unless a trace was asked for (``required``: it must be).
+    """
+    group = parser.add_argument_group("trace")
+    group.add_argument("--trace", "-o", "--output", dest="trace_output", metavar="FILE",
+                       type=Path, required=required,
+                       help="write the routing trace to FILE; .gz compresses "
+                            "(e.g. run.trace.jsonl.gz)")
+    group.add_argument("--trace-precision", metavar="N", type=int, default=4,
+                       help="decimals kept of probabilities; -1 = exact (default: %(default)s)")
+    group.add_argument("--no-trace-probs", dest="trace_probs", action="store_false",
+                       help="leave out router probabilities (much smaller prefill records)")
+
+
+def trace_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``record_trace`` keyword arguments from ``add_trace_options`` flags."""
+    precision = None if args.trace_precision < 0 else args.trace_precision
+    return {"precision": precision, "probs": args.trace_probs}
+
+
+def add_trace_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = None
+                     ) -> argparse.ArgumentParser:
+    """Register ``trace``: generate for one or more prompts and write their routing trace."""
+    from offload_rt.cli_options import add_runtime_arguments, add_sampling_arguments
+
+    parser = subparsers.add_parser(
+        "trace", parents=parents or [], help="record a routing trace for the simulator",
+        description="Generate for each prompt with the given runtime options and write every "
+                    "routing decision (and prefetch prediction) to a trace file.")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="model folder")
+    prompts = parser.add_argument_group("prompts (repeatable, run in order)")
+    prompts.add_argument("--prompt", metavar="TEXT", action="append", default=[])
+    prompts.add_argument("--prompt-ids", metavar="IDS", action="append", default=[],
+                         type=_token_ids, help="comma-separated token ids")
+    prompts.add_argument("--prompts-file", metavar="FILE", type=Path,
+                         help="one prompt per line")
+    add_trace_options(parser, required=True)
+    add_sampling_arguments(parser)
+    add_runtime_arguments(parser)
+    parser.set_defaults(run=run_trace)
+    return parser
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    import offload_rt
+    from offload_rt.cli_options import runtime_options, sampling_kwargs
+    from offload_rt.trace_recorder import record_trace
+
+    prompts: list[str | list[int]] = [*args.prompt, *args.prompt_ids]
+    if args.prompts_file is not None:
+        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise OptionError("give at least one --prompt, --prompt-ids or --prompts-file")
+    request = sampling_kwargs(args)
+    max_new = request.pop("max_new_tokens")
+    source = str(args.prompts_file) if args.prompts_file else "command line"
+    with offload_rt.load(args.model_dir, **runtime_options(args)) as rt:
+        trace = record_trace(rt, args.trace_output, prompts, max_new,
+                             metadata={"sampling": request}, prompt_source=source,
+                             **trace_kwargs(args), **request)
+    print(f"wrote {args.trace_output}: {len(trace.records)} records, {trace.num_tokens} tokens",
+          file=sys.stderr)
+    return 0
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") \
+            from exc
