@@ -50,7 +50,6 @@ class OffloadedExperts:
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
         self._protected: frozenset[ExpertKey] = frozenset()
-        self._prefetched: set[ExpertKey] = set()  # loaded ahead, not used yet
         device.cache._on_evict = self._evicted
         self._worker = PrefetchWorker(self._cond, self._prefetch_one) \
             if predictor is not None and prefetch_depth > 0 else None
@@ -88,7 +87,7 @@ class OffloadedExperts:
             with self._cond:
                 self._raise_pending()
                 for key in keys:
-                    slots[key.expert] = self._acquire_one(key)
+                    slots[key.expert] = self._acquire_one(key, keys)
             for slot in slots.values():
                 self.h2d.ready(slot)
             yield {e: self.device.slots[s] for e, s in slots.items()}
@@ -100,7 +99,7 @@ class OffloadedExperts:
                 self._cond.notify_all()
 
     # ---- demand path (caller's thread, lock held on entry and exit) ------------------------
-    def _acquire_one(self, key: ExpertKey) -> int:
+    def _acquire_one(self, key: ExpertKey, group: Sequence[ExpertKey]) -> int:
         cache = self.device.cache
         cache.tick()
         counted = False
@@ -111,8 +110,8 @@ class OffloadedExperts:
                     self._count(key, hit=True)
                 cache.touch(key)
                 cache.pin(key)
-                if key in self._prefetched:
-                    self._prefetched.discard(key)
+                if key in self.stats.pending_prefetch:
+                    self.stats.pending_prefetch.discard(key)
                     self.stats.prefetch_useful += 1
                 return cache.slot(key)  # type: ignore[return-value]
             if state == LOADING:  # a prefetch is bringing it: a hit, possibly late
@@ -121,7 +120,9 @@ class OffloadedExperts:
                     counted = True
                 self._wait()
                 continue
-            slot = cache.reserve(key)  # pins alone guard the demand path
+            # The group's other keys are needed now: evicting one only reloads it. They
+            # fit (max_group), so a slot frees up once in-flight loads land.
+            slot = cache.reserve(key, group)
             if slot is None:  # every free slot is pinned or still loading: wait for one
                 self._wait()
                 continue
@@ -229,17 +230,17 @@ class OffloadedExperts:
             if slot is None:
                 return
             self.stats.prefetch_issued += 1
-            self._prefetched.add(key)
+            self.stats.pending_prefetch.add(key)
             try:
                 self._load_unlocked(key, slot, demand=False)
             except BaseException as exc:  # handed to the caller's thread
-                self._prefetched.discard(key)
+                self.stats.pending_prefetch.discard(key)
                 self._error = exc
                 self._cond.notify_all()
 
     def _evicted(self, key: ExpertKey) -> None:
-        if key in self._prefetched:
-            self._prefetched.discard(key)
+        if key in self.stats.pending_prefetch:
+            self.stats.pending_prefetch.discard(key)
             self.stats.prefetch_wasted += 1
 
     def _raise_pending(self) -> None:

@@ -24,6 +24,9 @@ class EngineStats:
     prefetch_wasted: int = 0
     stall_s: float = 0.0
     tokens: int = 0
+    # Prefetched keys not used or evicted yet. Kept here so ``reset`` forgets them too: each
+    # prefetch is counted useful or wasted at most once, in the period that issued it.
+    pending_prefetch: set = field(default_factory=set, repr=False)
 
     def reset(self) -> None:
         fresh = EngineStats()

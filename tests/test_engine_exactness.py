@@ -1,0 +1,263 @@
+"""Offloading never changes the answer: bit-identical float32 logits and identical tokens.
+
+For three tiny random checkpoints, every built-in runtime policy, capacities from top_k per layer
+up to all experts, prefetch depth 0/1/2 and both pool layouts, the offloaded run must give
+exactly (``torch.equal``) the logits of the fully resident run for the same call sequence: a
+16-token prefill, then 16 single-token decode steps fed with the resident run's greedy tokens.
+``generate`` must give the same tokens too.
+
+LRU gets the full cross product; the other policies a subset in which each still sees the
+minimum capacity with prefetch on in both pool layouts. One resident reference is computed per
+checkpoint and shared by every case. "opt" (Belady) needs the future and is simulator-only: the
+runtime must refuse it up front.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_factory import TinySpec, make_hf_checkpoint
+
+import offload_rt
+from cache_policies import ExpertKey, make_policy, simulate
+from offload_rt.engine.offloaded import OffloadedExperts
+from offload_rt.errors import OptionError
+
+PROMPT_LEN = 16
+DECODE_STEPS = 16
+NEW_TOKENS = 16
+MAX_SEQ = 64
+POOLS = ("layer", "global")
+DEPTHS = (0, 1, 2)
+OTHER_POLICIES = ("lfu", "lrfu", "router", "static")
+
+SPECS = {
+    "e4k2": TinySpec(num_experts=4, top_k=2, num_layers=2, seed=11),
+    "e8k2l3": TinySpec(num_experts=8, top_k=2, num_layers=3, seed=12),
+    # Odd sizes: one packed expert is 3*27*37*4 = 11988 bytes, so consecutive slot rows start at
+    # every 4-byte alignment. Resident buffers are fresh (64-byte aligned) allocations: if the
+    # matmul kernels' result depended on the weights' alignment, this checkpoint would show it.
+    "e4k1odd": TinySpec(num_experts=4, top_k=1, num_layers=2, hidden_size=27, head_dim=8,
+                        intermediate_size=37, seed=13),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine
+    OpenMP's spinning workers made each run 10-60x slower. Both the resident reference and
+    the offloaded runs use the same setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the fully resident runtime gives for the fixed call sequence."""
+
+    model_dir: Path
+    prompt: list[int]
+    feed: list[int]  # the greedy tokens fed to the decode steps
+    logits: list[torch.Tensor]  # [16, V] for the prefill, then [1, V] per decode step
+    accesses: int  # (layer, expert) demand accesses over the call sequence
+    generated: list[int]  # ``generate(prompt, max_new_tokens=NEW_TOKENS)``
+
+
+def count_accesses(experts: object) -> list[int]:
+    """Wrap ``experts.on_route`` to count demand accesses: the distinct experts each MoE call
+    routes to (the MoE layer acquires each of them exactly once). Returns a 1-item counter."""
+    counter = [0]
+    original = experts.on_route  # type: ignore[attr-defined]
+
+    def on_route(layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
+        counter[0] += torch.unique(ids).numel()
+        original(layer, probs, ids)
+
+    experts.on_route = on_route  # type: ignore[attr-defined]
+    return counter
+
+
+def run_sequence(rt: offload_rt.Runtime, prompt: list[int], feed: list[int]) -> list[torch.Tensor]:
+    """Prefill ``prompt``, then one decode step per token of ``feed``; all logits."""
+    logits = [rt.model(torch.tensor(prompt), 0)]
+    for i, tok in enumerate(feed):
+        logits.append(rt.model(torch.tensor([tok]), len(prompt) + i))
+    return logits
+
+
+def _make_reference(model_dir: Path, spec: TinySpec) -> Reference:
+    prompt = torch.randint(0, spec.vocab_size, (PROMPT_LEN,),
+                           generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    with offload_rt.load(model_dir, dtype="float32", offload=False, max_seq_len=MAX_SEQ) as rt:
+        assert not rt.offloaded
+        accesses = count_accesses(rt.experts)
+        logits = [rt.model(torch.tensor(prompt), 0)]
+        feed: list[int] = []
+        for i in range(DECODE_STEPS):
+            feed.append(int(logits[-1][-1].argmax()))
+            logits.append(rt.model(torch.tensor([feed[-1]]), PROMPT_LEN + i))
+        n_accesses = accesses[0]
+        generated = rt.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids
+    assert len(set(feed)) > 3, f"degenerate reference (tokens {feed}): pick another seed"
+    return Reference(model_dir, prompt, feed, logits, n_accesses, generated)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Reference]:
+    """name -> its checkpoint's resident reference, built once per module."""
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        if name not in cache:
+            spec = SPECS[name]
+            cache[name] = _make_reference(
+                make_hf_checkpoint(tmp_path_factory.mktemp(name), spec), spec)
+        return cache[name]
+
+    return get
+
+
+def _cases() -> Iterator[object]:
+    for name, spec in SPECS.items():
+        k, n = spec.top_k, spec.num_experts
+        for cap, depth, pool in itertools.product(range(k, n + 1), DEPTHS, POOLS):
+            yield pytest.param(name, "lru", cap, depth, pool,
+                               id=f"{name}-lru-c{cap}-p{depth}-{pool}")
+        # Every other policy: minimum capacity with prefetch on in both layouts, and a middle
+        # capacity without prefetch (where the policy alone decides every eviction).
+        subset = [(k, 1, "layer"), (k, 2, "global"), ((k + n + 1) // 2, 0, "layer")]
+        for policy in OTHER_POLICIES:
+            for cap, depth, pool in subset:
+                yield pytest.param(name, policy, cap, depth, pool,
+                                   id=f"{name}-{policy}-c{cap}-p{depth}-{pool}")
+
+
+def _load(ref: Reference, **options: object) -> offload_rt.Runtime:
+    return offload_rt.load(ref.model_dir, dtype="float32", offload=True, max_seq_len=MAX_SEQ,
+                           **options)
+
+
+@pytest.mark.parametrize(("name", "policy", "cap", "depth", "pool"), list(_cases()))
+def test_offloaded_matches_resident(reference: Callable[[str], Reference], name: str,
+                                    policy: str, cap: int, depth: int, pool: str) -> None:
+    ref, spec = reference(name), SPECS[name]
+    with _load(ref, cache_experts=cap, policy=policy, prefetch=depth, pool=pool) as rt:
+        experts = rt.experts
+        assert isinstance(experts, OffloadedExperts)
+        pools = experts.device.cache.pools
+        assert len(pools) == (spec.num_layers if pool == "layer" else 1)
+        assert all(p.capacity == cap * (1 if pool == "layer" else spec.num_layers) for p in pools)
+
+        accesses = count_accesses(experts)
+        experts.stats.reset()
+        logits = run_sequence(rt, ref.prompt, ref.feed)
+        for i, (got, want) in enumerate(zip(logits, ref.logits, strict=True)):
+            assert got.dtype == torch.float32
+            assert torch.equal(got, want), (
+                f"call {i} (0 = prefill): max |diff| {(got - want).abs().max().item():.3g}")
+        stats = experts.stats
+        assert accesses[0] == ref.accesses  # same routing as the resident run
+        assert stats.hits + stats.misses == ref.accesses
+        assert stats.prefetch_useful + stats.prefetch_wasted <= stats.prefetch_issued
+        if depth == 0:
+            assert stats.prefetch_issued == 0
+
+        accesses[0] = 0
+        out = rt.generate(ref.prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert out.token_ids == ref.generated
+        s = out.stats
+        assert s["offloaded"] is True
+        assert s["hits"] + s["misses"] == accesses[0]
+        assert s["prefetch_useful"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("name", ["e8k2l3", "e4k2"])
+def test_prefetch_statistics_on_decode(reference: Callable[[str], Reference], name: str,
+                                       depth: int, pool: str) -> None:
+    """At minimum capacity a decode run predicts experts that are not resident: some prefetches
+    are issued, and each one is counted at most once as useful or wasted."""
+    ref, spec = reference(name), SPECS[name]
+    with _load(ref, cache_experts=spec.top_k, prefetch=depth, pool=pool) as rt:
+        out = rt.generate(ref.prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert out.token_ids == ref.generated
+        rt.experts.drain()
+        s = rt.stats_dict()
+    assert s["prefetch_issued"] > 0, s
+    assert s["prefetch_useful"] + s["prefetch_wasted"] <= s["prefetch_issued"], s
+    assert s["hits"] + s["misses"] > 0
+
+
+def test_prefetch_counts_stay_in_the_generation_that_issued_them(
+        reference: Callable[[str], Reference]) -> None:
+    """``generate`` resets the statistics. A prefetch issued in one generation and used or
+    evicted in the next must not be counted in the next (it broke useful + wasted <= issued).
+    A prefill-only generation predicts nothing, so all three counts must be 0 there."""
+    ref, spec = reference("e8k2l3"), SPECS["e8k2l3"]
+    with _load(ref, cache_experts=spec.top_k + 1, prefetch=2, pool="global") as rt:
+        for _ in range(3):
+            s = rt.generate(ref.prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True).stats
+            assert s["prefetch_useful"] + s["prefetch_wasted"] <= s["prefetch_issued"], s
+            rt.experts.drain()  # no queued prediction may start during the next prefill
+            s = rt.generate(ref.prompt, max_new_tokens=1, ignore_eos=True).stats
+            counts = [s["prefetch_issued"], s["prefetch_useful"], s["prefetch_wasted"]]
+            assert counts == [0, 0, 0], s
+
+
+def record_groups(experts: OffloadedExperts) -> list[list[ExpertKey]]:
+    """Wrap ``experts.acquire`` to record every group of keys the MoE layers acquire."""
+    groups: list[list[ExpertKey]] = []
+    original = experts.acquire
+
+    def acquire(layer: int, ids: Sequence[int]) -> AbstractContextManager[object]:
+        groups.append([ExpertKey(layer, e) for e in ids])
+        return original(layer, ids)
+
+    experts.acquire = acquire  # type: ignore[method-assign]
+    return groups
+
+
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("policy", ["lru", *OTHER_POLICIES])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_counts_equal_the_simulator(reference: Callable[[str], Reference], name: str,
+                                    policy: str, pool: str) -> None:
+    """Without prefetch the cache's counts are a pure function of the access sequence: the
+    trace simulator, replaying the groups the MoE layers acquired, must give the same hits and
+    misses per layer (it pins a whole step, as the cache must protect a whole group)."""
+    ref, spec = reference(name), SPECS[name]
+    with _load(ref, cache_experts=spec.top_k, policy=policy, prefetch=0, pool=pool) as rt:
+        groups = record_groups(rt.experts)
+        rt.experts.stats.reset()
+        run_sequence(rt, ref.prompt, ref.feed)
+        stats = rt.experts.stats
+        capacity = rt.experts.device.cache.pools[0].capacity
+    sim = simulate(groups, lambda: make_policy(policy), capacity, per_layer=pool == "layer",
+                   num_layers=spec.num_layers)
+    assert (stats.hits, stats.misses) == (sim.hits, sim.misses)
+    assert {i: stats.layer_hits[i] for i in sim.layer_hits} == sim.layer_hits
+    assert sum(map(len, groups)) == ref.accesses
+
+
+def test_opt_policy_is_refused_by_the_runtime(reference: Callable[[str], Reference]) -> None:
+    """Belady ("opt") needs the whole future access sequence: it exists for the simulator and
+    cannot run live, so loading with it must fail up front, before any generation. (Today the
+    refusal is the policy constructor's TypeError about its missing ``future`` argument.)"""
+    ref = reference("e4k2")
+    with pytest.raises((OptionError, TypeError, ValueError), match="future"):
+        _load(ref, cache_experts=2, policy="opt")
+
+
+def test_unknown_policy_is_refused(reference: Callable[[str], Reference]) -> None:
+    ref = reference("e4k2")
+    with pytest.raises((OptionError, ValueError), match="no-such-policy"):
+        _load(ref, cache_experts=2, policy="no-such-policy")
