@@ -24,6 +24,13 @@ class ChatSession:
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens >= self.runtime.max_seq_len:
+            raise ContextLengthError(
+                f"max_new_tokens {self.max_new_tokens} leaves no room for a question in the "
+                f"context of {self.runtime.max_seq_len} tokens; lower max_new_tokens or raise "
+                "max_seq_len")
+
     def reset(self) -> None:
         self.history.clear()
 

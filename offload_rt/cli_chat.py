@@ -26,6 +26,7 @@ from offload_rt.cli_options import (
     sampling_kwargs,
 )
 from offload_rt.engine.sizes import format_size
+from offload_rt.errors import ContextLengthError
 from offload_rt.runtime import Runtime
 
 HELP = "commands: /reset (forget the conversation), /stats, /help, /exit"
@@ -79,7 +80,10 @@ def _loop(session: ChatSession, stdin: IO[str], out: IO[str], err: IO[str],
             if not _command(text, session, totals, out):
                 return
             continue
-        _answer(session, text, out, err, totals)
+        try:
+            _answer(session, text, out, err, totals)
+        except ContextLengthError as exc:  # this question only: keep the conversation going
+            print(f"(not answered: {exc})", file=err, flush=True)
 
 
 def _command(text: str, session: ChatSession, totals: Counter[str], out: IO[str]) -> bool:

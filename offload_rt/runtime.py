@@ -75,6 +75,7 @@ class Runtime:
         self.max_seq_len = min(options.max_seq_len or DEFAULT_CONTEXT, self.config.max_seq_len)
         self._busy = threading.Lock()
         self._cancel = threading.Event()
+        self._closed = False
         self.last_result: GenerationResult | None = None
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
@@ -157,8 +158,8 @@ class Runtime:
                seed: int | None = None, stop: Sequence[str] = (),
                ignore_eos: bool = False) -> Iterator[str]:
         """Yield text pieces as they are generated. ``self.last_result`` holds ids and timing."""
+        self._check_open()
         ids = self.encode(prompt, messages=messages)
-        self.last_prompt_ids = ids
         config = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
                                   ignore_eos=ignore_eos,
                                   sampling=SamplingConfig(temperature, top_k, top_p, seed))
@@ -166,6 +167,8 @@ class Runtime:
             raise BusyError("a generation is already running on this runtime; wait for it or "
                             "call cancel()")
         try:
+            self._check_open()  # close() may have run since the check above
+            self.last_prompt_ids = ids  # set under the lock: a refused call keeps its hands off
             self._cancel.clear()
             self.stats.reset()
             decoder = StreamDecoder(self._tok()) if self.tokenizer else _IdDecoder()
@@ -176,6 +179,8 @@ class Runtime:
             yield from text_stream
         finally:
             self._busy.release()
+            if self._closed:  # close() was called meanwhile and left the freeing to us
+                self._free_if_idle()
 
     def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Output:
         """Run to completion; returns text, ids, finish reason and statistics."""
@@ -212,11 +217,29 @@ class Runtime:
         return out
 
     def close(self) -> None:
-        """Stop background threads and drop the model's memory."""
-        if isinstance(self.experts, OffloadedExperts):
-            self.experts.close()
-        self.experts = None  # type: ignore[assignment]
-        self.model = None  # type: ignore[assignment]
+        """Stop background threads and drop the model's memory; later calls raise OptionError.
+
+        A generation running in another thread is cancelled (it ends before its next token) and
+        the memory is freed as it ends, so the engine is never torn down under a forward pass.
+        """
+        self._closed = True
+        self.cancel()
+        self._free_if_idle()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OptionError("this runtime is closed (close() was called); load the model again")
+
+    def _free_if_idle(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return  # a generation is running: its stream calls this again as it ends
+        try:
+            if isinstance(self.experts, OffloadedExperts):
+                self.experts.close()
+            self.experts = None  # type: ignore[assignment]
+            self.model = None  # type: ignore[assignment]
+        finally:
+            self._busy.release()
 
     def __enter__(self) -> Runtime:
         return self

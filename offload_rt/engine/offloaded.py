@@ -70,14 +70,15 @@ class OffloadedExperts:
         needed = frozenset(ExpertKey(layer, e) for e in torch.unique(ids).tolist())
         with self._cond:
             self._protected = needed
-            if self._worker is None or self._hidden is None or self.predictor is None:
+            worker, hidden = self._worker, self._hidden  # close() may clear them meanwhile
+            if worker is None or hidden is None or self.predictor is None:
                 return
-        keys, scores = self.predictor.predict(layer, self._hidden, self.depth)
+        keys, scores = self.predictor.predict(layer, hidden, self.depth)
         with self._cond:
             self.device.cache.predict(scores)
             if self.host is not None:
                 self.host.cache.predict(scores)
-            self._worker.submit(keys, layer)
+            worker.submit(keys, layer)
 
     @contextmanager
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Mapping[int, torch.Tensor]]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload_rt.config import ModelConfig
+from offload_rt.model.params import Linear
 from offload_rt.model.rope import apply_rope
 
 
@@ -24,14 +25,14 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden_size, q, bias=False)  # weight [Hq*D, H]
-        self.wk = nn.Linear(cfg.hidden_size, kv, bias=False)  # weight [Hkv*D, H]
-        self.wv = nn.Linear(cfg.hidden_size, kv, bias=False)  # weight [Hkv*D, H]
-        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)  # weight [H, Hq*D]
+        h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.wq = Linear(h, q, device)  # weight [Hq*D, H]
+        self.wk = Linear(h, kv, device)  # weight [Hkv*D, H]
+        self.wv = Linear(h, kv, device)  # weight [Hkv*D, H]
+        self.wo = Linear(q, h, device)  # weight [H, Hq*D]
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,7 @@ Progress = Callable[[int, int], None]  # (done, total) tensors or experts
 def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str,
                 progress: Progress | None = None) -> Transformer:
     """The resident part of the model (everything but experts), in ``dtype`` on ``device``."""
-    with torch.device("meta"):
-        model = Transformer(ckpt.config)
+    model = Transformer(ckpt.config, device="meta")
     names = list(trunk_shapes(ckpt.config))
     state = {}
     for i, canonical in enumerate(names):

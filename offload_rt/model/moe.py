@@ -34,5 +34,7 @@ class MoELayer:
                 for e in group:
                     tok, kpos = torch.where(top_ids == e)
                     y = expert_ffn(x[tok], buffers[e], self.hidden, self.inter)
-                    out.index_add_(0, tok, (y * top_w[tok, kpos, None]).to(out.dtype))
+                    # tok holds each token once per expert, so this is index_add_ without
+                    # its reduced-precision scatter path (bf16 on CPU: ~30 ms for one row)
+                    out[tok] += (y * top_w[tok, kpos, None]).to(out.dtype)
         return out

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from offload_rt.model.params import empty_param
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))  # [H]
+        self.weight = empty_param(dim, device=device)  # [H]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

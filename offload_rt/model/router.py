@@ -6,12 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from offload_rt.model.params import empty_param
+
 
 class Router(nn.Module):
-    def __init__(self, hidden: int, num_experts: int, top_k: int) -> None:
+    def __init__(self, hidden: int, num_experts: int, top_k: int,
+                 device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.top_k = top_k
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden))  # [E, H]
+        self.weight = empty_param(num_experts, hidden, device=device)  # [E, H]
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> float32 probabilities over all experts [T, E]."""

@@ -10,6 +10,7 @@ from offload_rt.model.attention import Attention, KVCache
 from offload_rt.model.experts import ExpertProvider
 from offload_rt.model.moe import MoELayer
 from offload_rt.model.norm import RMSNorm
+from offload_rt.model.params import Embedding, Linear
 from offload_rt.model.rope import rope_tables
 from offload_rt.model.router import Router
 
@@ -17,24 +18,25 @@ from offload_rt.model.router import Router
 class Block(nn.Module):
     """One decoder layer's resident weights. Its MoE experts live in the provider."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.attn = Attention(cfg, device)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, device)
 
 
 class Transformer(nn.Module):
     """Resident modules; ``attach`` gives it an expert provider and a KV cache to run."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
+        """Parameters are uninitialized (on ``meta`` by default) until weights are assigned."""
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)  # weight [V, H]
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # weight [V, H]
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, device)  # weight [V, H]
+        self.layers = nn.ModuleList(Block(cfg, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, device)  # weight [V, H]
         self.max_seq_len = 0
         self._moe: list[MoELayer] = []
         self._caches: list[KVCache] = []
