@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from cache_policies.base import CachePolicy, require_candidates
 from cache_policies.keys import ExpertKey
+from cache_policies.recency import Recency
 
 
 class LFUPolicy(CachePolicy):
@@ -28,32 +29,28 @@ class LFUPolicy(CachePolicy):
     def __init__(self, persistent: bool = True) -> None:
         self.persistent = persistent
         self._count: dict[ExpertKey, int] = {}
-        self._last: dict[ExpertKey, int] = {}  # key -> tick of its latest insert/access
-        self._tick = 0
+        self._recency = Recency()
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
         self._count[key] = self._count.get(key, 0) + 1
 
     def on_evict(self, key: ExpertKey) -> None:
-        self._last.pop(key, None)
+        self._recency.forget(key)
         if not self.persistent:
             self._count.pop(key, None)
 
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         require_candidates(candidates)
-        count, last = self._count, self._last
+        count, last = self._count, self._recency.ticks
         return min(candidates, key=lambda k: (count.get(k, 0), last.get(k, 0), k))
 
     def reset(self) -> None:
         self._count.clear()
-        self._last.clear()
-        self._tick = 0
+        self._recency.reset()
 
     def __repr__(self) -> str:
         return f"LFUPolicy(persistent={self.persistent})"

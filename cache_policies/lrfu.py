@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from cache_policies.base import CachePolicy, require_candidates
 from cache_policies.keys import ExpertKey
+from cache_policies.recency import Recency
 
 # Half-life of an access = 1 / decay accesses of the pool's clock. Mixtral 8x7B makes 64 expert
 # accesses per token (32 layers x top-2), so 1e-3 halves an access's weight after ~16 tokens:
@@ -46,16 +47,13 @@ class LRFUPolicy(CachePolicy):
         self.decay = decay
         self._log_crf: dict[ExpertKey, float] = {}  # log2 CRF as of the key's last access
         self._t_last: dict[ExpertKey, int] = {}  # clock of the key's last access
-        self._recency: dict[ExpertKey, int] = {}  # tick of latest insert/access (tie-break)
-        self._tick = 0
+        self._recency = Recency()  # tie-break
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._recency[key] = self._tick
+        self._recency.touch(key)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._recency[key] = self._tick
+        self._recency.touch(key)
         log_crf = self._log_crf.get(key)
         if log_crf is None:
             self._log_crf[key] = 0.0  # log2(1): the first access
@@ -65,7 +63,7 @@ class LRFUPolicy(CachePolicy):
         self._t_last[key] = now
 
     def on_evict(self, key: ExpertKey) -> None:
-        self._recency.pop(key, None)
+        self._recency.forget(key)
 
     def score(self, key: ExpertKey, now: int) -> float:
         """log2 CRF(key, now); ``-inf`` for a key never accessed."""
@@ -76,14 +74,13 @@ class LRFUPolicy(CachePolicy):
 
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         require_candidates(candidates)
-        recency = self._recency
+        recency = self._recency.ticks
         return min(candidates, key=lambda k: (self.score(k, now), recency.get(k, 0), k))
 
     def reset(self) -> None:
         self._log_crf.clear()
         self._t_last.clear()
-        self._recency.clear()
-        self._tick = 0
+        self._recency.reset()
 
     def __repr__(self) -> str:
         return f"LRFUPolicy(decay={self.decay})"

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from cache_policies.base import CachePolicy, require_candidates
 from cache_policies.keys import ExpertKey
+from cache_policies.recency import Recency
 
 
 class RouterPolicy(CachePolicy):
@@ -29,8 +30,7 @@ class RouterPolicy(CachePolicy):
 
     def __init__(self) -> None:
         self._predicted: dict[int, dict[int, float]] = {}  # layer -> expert -> probability
-        self._last: dict[ExpertKey, int] = {}  # key -> tick of its latest insert/access
-        self._tick = 0
+        self._recency = Recency()
 
     def on_predict(self, scores: Mapping[ExpertKey, float], now: int) -> None:
         fresh: dict[int, dict[int, float]] = {}
@@ -43,22 +43,19 @@ class RouterPolicy(CachePolicy):
         return self._predicted.get(key.layer, {}).get(key.expert, 0.0)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
 
     def on_evict(self, key: ExpertKey) -> None:
-        self._last.pop(key, None)
+        self._recency.forget(key)
 
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         require_candidates(candidates)
-        last = self._last
+        last = self._recency.ticks
         return min(candidates, key=lambda k: (self.predicted(k), last.get(k, 0), k))
 
     def reset(self) -> None:
         self._predicted.clear()
-        self._last.clear()
-        self._tick = 0
+        self._recency.reset()

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from cache_policies.base import CachePolicy, require_candidates
 from cache_policies.keys import ExpertKey
+from cache_policies.recency import Recency
 
 
 class StaticPolicy(CachePolicy):
@@ -24,8 +25,7 @@ class StaticPolicy(CachePolicy):
 
     def __init__(self, hot: Iterable[ExpertKey] = ()) -> None:
         self.hot: frozenset[ExpertKey] = frozenset(ExpertKey(*k) for k in hot)
-        self._last: dict[ExpertKey, int] = {}
-        self._tick = 0
+        self._recency = Recency()
 
     @classmethod
     def from_trace(cls, accesses: Iterable[ExpertKey], per_layer: int) -> StaticPolicy:
@@ -42,24 +42,21 @@ class StaticPolicy(CachePolicy):
         return cls(hot)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
 
     def on_access(self, key: ExpertKey, now: int) -> None:
-        self._tick += 1
-        self._last[key] = self._tick
+        self._recency.touch(key)
 
     def on_evict(self, key: ExpertKey) -> None:
-        self._last.pop(key, None)
+        self._recency.forget(key)
 
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
         require_candidates(candidates)
-        hot, last = self.hot, self._last
+        hot, last = self.hot, self._recency.ticks
         return min(candidates, key=lambda k: (k in hot, last.get(k, 0), k))
 
     def reset(self) -> None:
-        self._last.clear()
-        self._tick = 0
+        self._recency.reset()
 
     def __repr__(self) -> str:
         return f"StaticPolicy(hot={sorted(self.hot)})"
