@@ -18,7 +18,9 @@ if _TESTS_DIR not in sys.path:
 def _one_torch_thread() -> None:
     """Tiny models on a shared 2-core machine: intra-op threads only add wake-up latency (one
     ``index_add_`` measured 10-40 ms with 2 threads under load, 5 us with one). Correctness
-    tests don't need them; benchmarks measure threading separately."""
+    tests don't need them; benchmarks measure threading separately. It also matches the CLI
+    subprocesses the tests start (OMP_NUM_THREADS=1), so in-process and subprocess greedy
+    answers agree bit for bit."""
     import torch
 
     torch.set_num_threads(1)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint
 
 import offload_rt
@@ -43,15 +42,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny model with the real Mixtral tokenizer; 8 experts so 2 cached slots really offload."""
     spec = TinySpec(vocab_size=32000, tokenizer=True, num_experts=8)
     return make_hf_checkpoint(tmp_path_factory.mktemp("chat_model"), spec)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Match the subprocesses (OMP_NUM_THREADS=1), so greedy answers agree bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint
 from sentencepiece import SentencePieceProcessor
 
@@ -38,15 +36,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = TinySpec(vocab_size=32000, tokenizer=True, hidden_size=16, intermediate_size=16,
                     num_heads=2, num_kv_heads=1)
     return make_hf_checkpoint(tmp_path_factory.mktemp("cli_model"), spec)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny ops on a busy machine spend ~0.1 s waking OpenMP workers; one thread avoids that."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

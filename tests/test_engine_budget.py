@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,6 @@ SPEC = TinySpec(num_experts=8, top_k=2, num_layers=3, seed=21)
 PROMPT = torch.randint(0, SPEC.vocab_size, (16,),
                        generator=torch.Generator().manual_seed(5)).tolist()
 NEW_TOKENS = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads; on a shared 2-core box OpenMP's
-    spinning workers only slow the runs down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

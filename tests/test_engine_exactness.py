@@ -48,17 +48,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine
-    OpenMP's spinning workers made each run 10-60x slower. Both the resident reference and
-    the offloaded runs use the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass(frozen=True)
 class Reference:
     """What the fully resident runtime gives for the fixed call sequence."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,14 +33,6 @@ MAX_SEQ = 64
 HANG_S = 30.0  # a generation here takes well under a second: anything near this is a hang
 SURFACE_S = 1.0  # a background failure must reach the caller within this
 PREFETCH_THREAD = "offload-rt-prefetch"  # PrefetchWorker's thread name
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ all give the same logits. Checkpoints and oracle outputs are built once per modu
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +54,6 @@ SPECS = {
     ),
 }
 BF16_SPECS = [name for name, spec in SPECS.items() if spec.dtype == torch.bfloat16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: with intra-op threads, waking the pool costs more than the math (and on a
-    busy 2-core machine an index_add_ of 32 floats then takes ~10 ms)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_prompt(spec: TinySpec) -> list[int]:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import offload_rt
 from cache_policies import ExpertKey, StaticPolicy, make_policy
@@ -39,16 +38,6 @@ class HotStatic(StaticPolicy):
 
     def __init__(self) -> None:
         super().__init__(ExpertKey(layer, e) for layer in range(2) for e in (0, 3))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny matrices gain nothing from intra-op threads, and on a busy machine the thread pool's
-    hand-offs cost more than the maths (seconds instead of ~0.1 s per run here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def traced_run(model_dir: Path, policy: str, capacity: int, pool: str,
