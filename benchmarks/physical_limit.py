@@ -3,9 +3,10 @@
     python benchmarks/physical_limit.py MODEL_DIR [--samples 12]   # prints the measured JSON
 
 Measured (this module, in a fresh process; ``decode_bench.py`` runs it in the same benchmark):
-  * ``read_cold_s``: one expert read from disk into a packed buffer by offload_rt's own reader,
-    with every model file evicted from the page cache (POSIX_FADV_DONTNEED) before each read;
-  * ``read_warm_s``: the same read with the expert's pages already in the page cache;
+  * ``read_cold_s``: one expert read from disk into a cache slot by offload_rt's own reader as
+    the engine reads (``O_DIRECT`` into the slot), every model file evicted from the page cache
+    (POSIX_FADV_DONTNEED) before each read;
+  * ``read_warm_s``: the reader of the warm mode (buffered, page cache kept), pages cached;
   * ``compute_s``: one expert's SwiGLU for one token (offload_rt's ``expert_ffn``).
 Taken from the decode runs: ``t_res`` (offload_rt fully resident: seconds per decode step) and,
 per offloaded setting, ``loads`` = experts per decode token that had to come from disk (demand
@@ -76,19 +77,25 @@ def _summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_thread: int = 3) -> float:
+def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_thread: int = 4) -> float:
     """Seconds per expert when ``threads`` readers each read ``per_thread`` cold experts at once
     (the engine reads on its prefetch thread and the caller's at the same time; a virtual disk
     may deliver more with several requests in flight)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from cache_policies import ExpertKey
+    from offload_rt.engine.expert_reader import ExpertReader
+    from offload_rt.engine.slots import SlotPool
+
     cfg = ckpt.config
     keys = _spread(cfg.num_layers, cfg.num_experts, threads * per_thread)
-    outs = [torch.empty(cfg.expert_numel, dtype=ckpt.dtype) for _ in range(threads)]
+    slots = SlotPool(threads, cfg.expert_numel, ckpt.dtype, torch.device("cpu"))
+    reader = ExpertReader(ckpt, direct=True)
 
     def work(i: int) -> None:
         for layer, expert in keys[i::threads]:
-            ckpt.read_expert_into(layer, expert, outs[i], drop_page_cache=True)
+            key = ExpertKey(layer, expert)
+            reader(key, slots.place(i, reader.phase(key)))
 
     drop_page_cache(files)
     start = time.perf_counter()
@@ -99,22 +106,28 @@ def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_threa
 
 def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50) -> dict:
     """Cold and warm read time of one expert, and its compute time for one token."""
+    from cache_policies import ExpertKey
     from offload_rt.checkpoint import Checkpoint
+    from offload_rt.engine.expert_reader import ExpertReader
+    from offload_rt.engine.slots import SlotPool
     from offload_rt.model.experts import expert_ffn
 
     ckpt = Checkpoint.open(model_dir)
     cfg, files = ckpt.config, model_files(model_dir)
     dtype = ckpt.dtype
-    out = torch.empty(cfg.expert_numel, dtype=dtype)
+    slots = SlotPool(1, cfg.expert_numel, dtype, torch.device("cpu"))  # as the engine reads
+    cold_reader, warm_reader = ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False)
     cold, warm = [], []
     for layer, expert in _spread(cfg.num_layers, cfg.num_experts, samples):
+        key = ExpertKey(layer, expert)
         drop_page_cache(files)
         start = time.perf_counter()
-        ckpt.read_expert_into(layer, expert, out, drop_page_cache=True)
+        cold_reader(key, slots.place(0, cold_reader.phase(key)))
         cold.append(time.perf_counter() - start)
-        ckpt.read_expert_into(layer, expert, out)  # now in the page cache
+        out = slots.place(0, warm_reader.phase(key))
+        warm_reader(key, out)  # now in the page cache
         start = time.perf_counter()
-        ckpt.read_expert_into(layer, expert, out)
+        warm_reader(key, out)
         warm.append(time.perf_counter() - start)
     parallel = {str(q): _parallel_cold_read(ckpt, files, q) for q in (2, 4)}
     x = torch.randn(1, cfg.hidden_size, dtype=dtype)  # [1, H]: one decode token

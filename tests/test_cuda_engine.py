@@ -11,6 +11,7 @@ from checkpoint_factory import TinySpec, make_hf_checkpoint
 
 import offload_rt
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.direct_io import ALIGN
 from offload_rt.engine.budget import footprint
 from offload_rt.engine.offloaded import OffloadedExperts
 from offload_rt.engine.slots import SlotPool
@@ -72,7 +73,7 @@ def forbid_device_wide_sync(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_host_slots_are_pinned() -> None:
     pool = SlotPool(3, 1024, torch.float32, torch.device("cpu"), pin_memory=True)
     assert pool.storage.is_pinned()
-    assert pool.storage.shape == (3, 1024)
+    assert [pool[i].shape for i in range(3)] == [(1024,)] * 3
     plain = SlotPool(3, 1024, torch.float32, torch.device("cpu"))
     assert not plain.storage.is_pinned()
     on_gpu = SlotPool(2, 1024, torch.float32, torch.device("cuda"), pin_memory=True)
@@ -141,8 +142,8 @@ def test_offloaded_on_gpu_gives_the_cpu_resident_tokens(model_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     fp = footprint(Checkpoint.open(model_dir).config, torch.float32, MAX_SEQ, 512)
     pools = SPEC.num_layers if pool == "layer" else 1
-    gpu_budget = fp.fixed + SPEC.top_k * pools * fp.expert  # the least the GPU tier accepts
-    host_budget = (SPEC.top_k + 3) * fp.expert  # fewer host slots than experts, too
+    gpu_budget = fp.fixed + SPEC.top_k * pools * fp.slot  # the least the GPU tier accepts
+    host_budget = (SPEC.top_k + 3) * fp.slot + ALIGN  # fewer host slots than experts, too
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with offload_rt.load(model_dir, device="cuda", dtype="float32", gpu_memory=gpu_budget,

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import torch
 
-from cache_policies import ExpertKey
 from cache_policies.base import CachePolicy
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine.budget import MemoryPlan
 from offload_rt.engine.expert_cache import ExpertCache
+from offload_rt.engine.expert_reader import ExpertReader
 from offload_rt.engine.offloaded import OffloadedExperts, Reader, Tier
 from offload_rt.engine.prefetch import NextLayerPredictor
 from offload_rt.engine.slots import SlotPool
@@ -18,13 +18,10 @@ from offload_rt.engine.transfer import CudaHostToDevice, HostToDevice
 from offload_rt.model.transformer import Transformer
 
 
-def disk_reader(ckpt: Checkpoint, drop_page_cache: bool) -> Reader:
-    """Reads one expert from the safetensors files straight into a packed slot."""
-
-    def read(key: ExpertKey, out: torch.Tensor) -> None:
-        ckpt.read_expert_into(key.layer, key.expert, out, drop_page_cache=drop_page_cache)
-
-    return read
+def disk_reader(ckpt: Checkpoint, drop_page_cache: bool) -> ExpertReader:
+    """Reads one expert from the safetensors files straight into a packed slot; with
+    ``drop_page_cache`` by ``O_DIRECT``, bypassing the page cache."""
+    return ExpertReader(ckpt, direct=drop_page_cache)
 
 
 def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,

@@ -13,6 +13,7 @@ import psutil
 import torch
 
 from offload_rt.config import ModelConfig
+from offload_rt.direct_io import ALIGN
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import BudgetError
 
@@ -32,6 +33,12 @@ class Footprint:
     @property
     def fixed(self) -> int:
         return self.trunk + self.kv_cache + self.work
+
+    @property
+    def slot(self) -> int:
+        """One cache slot: an expert plus the slack that lets disk reads land aligned
+        (``slots.slot_bytes``)."""
+        return -(-(self.expert + ALIGN) // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int
     kv_cache = item * 2 * cfg.num_layers * max_seq_len * kv
     # activations of one chunk: hidden copies, expert intermediates, attention scores, logits
     work = 4 * chunk * (8 * h + 3 * cfg.intermediate_size + cfg.num_heads * max_seq_len
-                        + cfg.vocab_size) + 64 * 2**20
+                        + cfg.vocab_size) + 64 * 2**20 + ALIGN  # + aligning the slot storage
     return Footprint(trunk, kv_cache, work, item * cfg.expert_numel)
 
 
@@ -72,7 +79,7 @@ def available_gpu(device: torch.device) -> int:
 
 
 def _slots(budget: int, fp: Footprint, pools: int, cap: int) -> int:
-    return min(cap, max(0, (budget - fp.fixed) // (fp.expert * pools)))
+    return min(cap, max(0, (budget - fp.fixed) // (fp.slot * pools)))
 
 
 def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
@@ -86,32 +93,33 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
     budget = device_budget if device_budget is not None else (
         available_gpu(device) if device.type == "cuda" else available_ram())
     if per_layer is None:
-        per_layer = budget >= fp.fixed + cfg.top_k * cfg.num_layers * fp.expert
+        per_layer = budget >= fp.fixed + cfg.top_k * cfg.num_layers * fp.slot
     pools = cfg.num_layers if per_layer else 1
     cap = cfg.num_experts if per_layer else cfg.num_experts * cfg.num_layers
     minimum = cfg.top_k
-    need_min = fp.fixed + minimum * pools * fp.expert
+    need_min = fp.fixed + minimum * pools * fp.slot
     if budget < need_min:
         which = "--gpu-memory" if device.type == "cuda" else "--cpu-memory"
         raise BudgetError(
             f"{which} {format_size(budget)} cannot run this model: the trunk "
             f"({format_size(fp.trunk)}), KV cache ({format_size(fp.kv_cache)}), work buffers "
-            f"({format_size(fp.work)}) and {minimum * pools} experts of {format_size(fp.expert)}"
+            f"({format_size(fp.work)}) and {minimum * pools} expert slots of {format_size(fp.slot)}"
             f" ({minimum} per {'layer' if per_layer else 'step'}) need at least "
             f"{format_size(need_min)} ({need_min} bytes); raise it or lower --max-seq-len")
     per_pool = _slots(budget, fp, pools, cap)
     if cache_experts is not None:
         per_pool = cache_experts if per_layer else cache_experts * cfg.num_layers
-        if fp.fixed + per_pool * pools * fp.expert > budget and device_budget is not None:
+        if fp.fixed + per_pool * pools * fp.slot > budget and device_budget is not None:
             raise BudgetError(f"--cache-experts {cache_experts} needs "
-                              f"{format_size(fp.fixed + per_pool * pools * fp.expert)}, more "
+                              f"{format_size(fp.fixed + per_pool * pools * fp.slot)}, more "
                               f"than the budget {format_size(budget)}")
     host_slots = 0
     if device.type == "cuda":
         host = host_budget if host_budget is not None else available_ram()
-        host_slots = min(cfg.num_experts * cfg.num_layers, host // fp.expert)
+        host_slots = min(cfg.num_experts * cfg.num_layers, max(0, host - ALIGN) // fp.slot)
         if host_slots < cfg.top_k:
+            need = cfg.top_k * fp.slot + ALIGN
             raise BudgetError(f"--cpu-memory {format_size(host)} cannot hold the {cfg.top_k} "
-                              f"pinned staging slots of {format_size(fp.expert)} the GPU tier "
-                              f"needs: give at least {format_size(cfg.top_k * fp.expert)}")
+                              f"pinned staging slots of {format_size(fp.slot)} the GPU tier "
+                              f"needs: give at least {format_size(need)} ({need} bytes)")
     return MemoryPlan(fp, per_pool, pools, host_slots, budget, host_budget)

@@ -170,12 +170,13 @@ class OffloadedExperts:
 
     def _fill(self, key: ExpertKey, slot: int) -> None:
         """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
-        dst = self.device.slots[slot]
         if self.host is None:
+            dst = self.device.slots.place(slot, self._phase(key))
             self.reader(key, dst)
             with self._cond:
                 self.stats.bytes_from_disk += self.expert_nbytes
             return
+        dst = self.device.slots.place(slot, 0)
         hslot = self._host_acquire(key)
         try:
             self.h2d.copy(dst, self.host.slots[hslot], slot)
@@ -184,6 +185,11 @@ class OffloadedExperts:
                 self.host.cache.unpin(key)
                 self.stats.bytes_host_to_device += self.expert_nbytes
                 self._cond.notify_all()
+
+    def _phase(self, key: ExpertKey) -> int:
+        """Where in its slot ``key`` should start so the reader's disk reads land aligned."""
+        phase = getattr(self.reader, "phase", None)
+        return phase(key) if phase is not None else 0
 
     def _host_acquire(self, key: ExpertKey) -> int:
         """Pin ``key`` in the host tier, reading it from disk on a host miss."""
@@ -209,7 +215,7 @@ class OffloadedExperts:
                 cache.pin(key)
                 break
         try:
-            self.reader(key, self.host.slots[hslot])
+            self.reader(key, self.host.slots.place(hslot, self._phase(key)))
         except BaseException:
             with self._cond:
                 cache.unpin(key)
