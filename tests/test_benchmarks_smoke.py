@@ -86,3 +86,12 @@ def test_gpu_bench_skips_cleanly_without_cuda() -> None:
         pytest.skip("CUDA present: gpu_bench would run for real")
     doc = _run(str(BENCH / "gpu_bench.py"), "/nonexistent")
     assert doc["skipped"]
+
+
+def test_matvec_bench_reports_both_kernels() -> None:
+    doc = _run(str(BENCH / "matvec_bench.py"), "--hidden", "64", "--inter", "96", "--vocab",
+               "512", "--repeats", "1", "--iters", "2")
+    assert doc["benchmark"] == "matvec"
+    assert {r["dtype"] for r in doc["results"]} == {"bfloat16", "float16", "float32"}
+    for r in doc["results"]:
+        assert r["linear_us"] > 0 and r["mv_us"] > 0 and r["linear_over_mv"] > 0

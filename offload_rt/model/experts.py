@@ -14,13 +14,15 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from offload_rt.model.matvec import linear
+
 
 def expert_ffn(x: torch.Tensor, packed: torch.Tensor, hidden: int, inter: int) -> torch.Tensor:
     """SwiGLU expert on a packed buffer. x: [N, H] -> [N, H]."""
     gate_up = packed[: 2 * inter * hidden].view(2 * inter, hidden)  # [w1; w3]: [2F, H]
     down = packed[2 * inter * hidden:].view(hidden, inter)  # w2: [H, F]
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [N, F] each
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [N, F] each
+    return linear(F.silu(gate) * up, down)
 
 
 class ExpertProvider(Protocol):

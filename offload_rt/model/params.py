@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from offload_rt.model.matvec import linear
+
 
 def empty_param(*shape: int, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, device=device), requires_grad=False)
@@ -25,7 +27,7 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, device=device)  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class Embedding(nn.Module):
