@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,16 +158,48 @@ class Runtime:
                seed: int | None = None, stop: Sequence[str] = (),
                ignore_eos: bool = False) -> Iterator[str]:
         """Yield text pieces as they are generated. ``self.last_result`` holds ids and timing."""
+        ids, config = self._request(prompt, messages, max_new_tokens, temperature, top_k, top_p,
+                                    seed, stop, ignore_eos)
+        return self._stream(ids, config, None)
+
+    def generate(self, prompt: str | Sequence[int] | None = None, *,
+                 messages: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> Output:
+        """Run to completion; returns text, ids, finish reason and statistics."""
+        start = time.perf_counter()
+        ids, config = self._request(prompt, messages, max_new_tokens, temperature, top_k, top_p,
+                                    seed, stop, ignore_eos)
+        ended: list[tuple[list[int], str, dict[str, Any]]] = []
+
+        def done(result: GenerationResult) -> None:
+            ended.append((list(result.token_ids), result.finish_reason,
+                          self.stats_dict(time.perf_counter() - start)))
+
+        text = "".join(self._stream(ids, config, done))
+        token_ids, finish_reason, stats = ended[0]
+        return Output(text, list(ids), token_ids, finish_reason, stats)
+
+    def _request(self, prompt: str | Sequence[int] | None,
+                 messages: Sequence[Mapping[str, str]] | None, max_new_tokens: int,
+                 temperature: float, top_k: int, top_p: float, seed: int | None,
+                 stop: Sequence[str], ignore_eos: bool) -> tuple[list[int], GenerationConfig]:
         self._check_open()
         ids = self.encode(prompt, messages=messages)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
-                                  ignore_eos=ignore_eos,
-                                  sampling=SamplingConfig(temperature, top_k, top_p, seed))
+        return ids, GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
+                                     ignore_eos=ignore_eos,
+                                     sampling=SamplingConfig(temperature, top_k, top_p, seed))
+
+    def _stream(self, ids: list[int], config: GenerationConfig,
+                on_done: Callable[[GenerationResult], None] | None) -> Iterator[str]:
+        """The generation itself. ``on_done`` runs at its end while this call still holds the
+        runtime, so the results and statistics it reads cannot be another call's."""
         if not self._busy.acquire(blocking=False):
             raise BusyError("a generation is already running on this runtime; wait for it or "
                             "call cancel()")
         try:
-            self._check_open()  # close() may have run since the check above
+            self._check_open()  # close() may have run since the request was checked
             self.last_prompt_ids = ids  # set under the lock: a refused call keeps its hands off
             self._cancel.clear()
             self.stats.reset()
@@ -177,20 +209,12 @@ class Runtime:
                                       cancel=self._cancel)
             self.last_result = text_stream.result
             yield from text_stream
+            if on_done is not None:
+                on_done(text_stream.result)
         finally:
             self._busy.release()
             if self._closed:  # close() was called meanwhile and left the freeing to us
                 self._free_if_idle()
-
-    def generate(self, prompt: str | Sequence[int] | None = None, **kwargs: Any) -> Output:
-        """Run to completion; returns text, ids, finish reason and statistics."""
-        start = time.perf_counter()
-        text = "".join(self.stream(prompt, **kwargs))
-        result = self.last_result
-        assert result is not None
-        return Output(text, list(self.last_prompt_ids),
-                      list(result.token_ids), result.finish_reason,
-                      self.stats_dict(time.perf_counter() - start))
 
     def cancel(self) -> None:
         """Stop the running generation (from any thread) before its next token."""

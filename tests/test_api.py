@@ -266,3 +266,32 @@ def test_library_prints_nothing_and_logs_instead(ckpt: Path, capfd: pytest.Captu
         "".join(runtime.stream(messages=[{"role": "user", "content": "hi"}], max_new_tokens=4))
     assert capfd.readouterr() == ("", "")
     assert any(r.name.startswith("offload_rt") for r in caplog.records)
+
+
+def test_generate_returns_its_own_result_when_another_call_slips_in(ckpt: Path) -> None:
+    """A second generation may start the instant the first releases the runtime. The first
+    call's Output (prompt ids, tokens, statistics) must still be its own."""
+    want_first, want_second = solo(ckpt, PROMPT, 6), solo(ckpt, OTHER, 3)
+    with offload_rt.load(ckpt, **OPTIONS) as runtime:
+        slipped: list[Output] = []
+
+        class SlipIn:  # the runtime's lock, plus another generation right after each release
+            def __init__(self, lock: Any) -> None:
+                self.lock, self.armed = lock, True
+
+            def acquire(self, blocking: bool = True) -> bool:
+                return self.lock.acquire(blocking)
+
+            def release(self) -> None:
+                self.lock.release()
+                if self.armed:
+                    self.armed = False
+                    slipped.append(runtime.generate(OTHER, max_new_tokens=3, ignore_eos=True))
+
+        runtime._busy = SlipIn(runtime._busy)  # type: ignore[assignment]
+        first = runtime.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
+    assert slipped and slipped[0].token_ids == want_second.token_ids
+    assert first.prompt_token_ids == want_first.prompt_token_ids
+    assert first.token_ids == want_first.token_ids
+    assert first.stats["tokens"] == 6 and first.stats["prompt_tokens"] == len(
+        want_first.prompt_token_ids)
