@@ -215,6 +215,20 @@ def test_expert_reads_leave_nothing_in_the_page_cache(model_dir: Path, drop: boo
         assert reader.direct_matrices == 0
 
 
+def test_bytes_from_disk_counts_file_bytes(tmp_path: Path) -> None:
+    """A bf16 checkpoint computed in float32: a read takes the expert's bf16 bytes from disk,
+    half of what its float32 slot holds."""
+    model_dir = make_hf_checkpoint(tmp_path, TinySpec(num_experts=8, top_k=2, num_layers=2,
+                                                      dtype=torch.bfloat16, seed=22))
+    file_bytes = Checkpoint.open(model_dir).expert(0, 0).nbytes
+    with offload_rt.load(model_dir, dtype="float32", cache_experts=2, prefetch=0,
+                         max_seq_len=MAX_SEQ) as rt:
+        assert rt.plan.footprint.expert == 2 * file_bytes
+        s = rt.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats
+    assert s["misses"] > 0
+    assert s["bytes_from_disk"] == s["misses"] * file_bytes
+
+
 # ---- RSS of a checkpoint several times larger than the budget ----------------------------------
 
 BIG = TinySpec(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=4,

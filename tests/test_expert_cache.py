@@ -276,6 +276,36 @@ def test_engine_follows_the_policy_protocol() -> None:
         assert resident == set(engine.device.cache.pools[policies.index(policy)].slots)
 
 
+def two_tier_engine(device_slots: int, host_slots: int) -> tuple[OffloadedExperts,
+                                                                  list[ExpertKey]]:
+    """The CUDA layout (disk -> host tier -> device tier) with both tiers in CPU memory."""
+    engine, reads = fake_engine(device_slots)
+    host = ExpertCache("host", host_slots, 1, LRUPolicy)
+    engine.host = Tier(host, SlotPool(host.num_slots, NUMEL, torch.float32, torch.device("cpu")))
+    return engine, reads
+
+
+def test_host_tier_keeps_what_the_group_still_needs() -> None:
+    """Loading expert 0 into a full host tier must not evict expert 1 (least recently used, but
+    the same group needs it next): that would read 1 from disk again."""
+    engine, reads = two_tier_engine(device_slots=2, host_slots=3)
+    acquire(engine, 0, [0, 1])
+    acquire(engine, 0, [2, 3])  # host tier now {1, 2, 3}; device {2, 3}
+    acquire(engine, 0, [0, 1])
+    assert reads == [K(0, 0), K(0, 1), K(0, 2), K(0, 3), K(0, 0)]
+    assert (engine.stats.host_hits, engine.stats.host_misses) == (1, 5)
+
+
+def test_host_tier_smaller_than_the_group_still_makes_progress() -> None:
+    """When every unpinned host slot holds a key of the group, one of them must go anyway."""
+    engine, reads = two_tier_engine(device_slots=3, host_slots=2)
+    acquire(engine, 0, [0, 1])
+    acquire(engine, 0, [0, 1, 2])  # host {0, 1}, both in the group: 0 (LRU) makes room for 2
+    assert reads == [K(0, 0), K(0, 1), K(0, 2)]
+    acquire(engine, 0, [0, 1, 2])  # all on the device: no host traffic at all
+    assert reads == [K(0, 0), K(0, 1), K(0, 2)]
+
+
 # ---- properties -------------------------------------------------------------------------------
 
 OPS = st.lists(st.tuples(st.sampled_from(["demand", "prefetch", "commit", "pin", "unpin",

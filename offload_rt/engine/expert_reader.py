@@ -19,7 +19,8 @@ from offload_rt.safetensors_file import _writable_view
 
 class ExpertReader:
     """Callable ``reader(key, out)`` the engine fills slots with; ``phase(key)`` says where in
-    an aligned slot ``key``'s buffer should start for the disk to write it directly."""
+    an aligned slot ``key``'s buffer should start for the disk to write it directly, and
+    ``nbytes(key)`` how many bytes a read takes from the file."""
 
     def __init__(self, ckpt: Checkpoint, *, direct: bool) -> None:
         self.ckpt, self.direct = ckpt, direct
@@ -37,6 +38,10 @@ class ExpertReader:
             phase = phase if phase % item == 0 else 0
             self._phases[key] = phase
         return phase
+
+    def nbytes(self, key: ExpertKey) -> int:
+        """Bytes of ``key`` in its file (what a read takes from disk)."""
+        return self.ckpt.expert(key.layer, key.expert).nbytes
 
     def __call__(self, key: ExpertKey, out: torch.Tensor) -> None:
         location = self.ckpt.expert(key.layer, key.expert)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -130,7 +130,7 @@ class OffloadedExperts:
             if not counted:
                 self._count(key, hit=False)
             cache.pin(key)
-            self._load_unlocked(key, slot, demand=True)
+            self._load_unlocked(key, slot, demand=True, group=group)
             cache.touch(key)
             return slot
 
@@ -148,12 +148,13 @@ class OffloadedExperts:
         self.stats.stall_s += time.perf_counter() - start
         self._raise_pending()
 
-    def _load_unlocked(self, key: ExpertKey, slot: int, demand: bool) -> None:
+    def _load_unlocked(self, key: ExpertKey, slot: int, demand: bool,
+                       group: Iterable[ExpertKey]) -> None:
         """Fill device ``slot`` with ``key`` (lock held on entry/exit, released meanwhile)."""
         start = time.perf_counter()
         self._cond.release()
         try:
-            self._fill(key, slot)
+            self._fill(key, slot, group)
         except BaseException as exc:
             self._cond.acquire()
             self.device.cache.abort(key)
@@ -168,16 +169,16 @@ class OffloadedExperts:
         self.device.cache.commit(key)
         self._cond.notify_all()
 
-    def _fill(self, key: ExpertKey, slot: int) -> None:
+    def _fill(self, key: ExpertKey, slot: int, group: Iterable[ExpertKey]) -> None:
         """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
         if self.host is None:
             dst = self.device.slots.place(slot, self._phase(key))
             self.reader(key, dst)
             with self._cond:
-                self.stats.bytes_from_disk += self.expert_nbytes
+                self.stats.bytes_from_disk += self._disk_nbytes(key)
             return
         dst = self.device.slots.place(slot, 0)
-        hslot = self._host_acquire(key)
+        hslot = self._host_acquire(key, group)
         try:
             self.h2d.copy(dst, self.host.slots[hslot], slot)
         finally:
@@ -191,8 +192,15 @@ class OffloadedExperts:
         phase = getattr(self.reader, "phase", None)
         return phase(key) if phase is not None else 0
 
-    def _host_acquire(self, key: ExpertKey) -> int:
-        """Pin ``key`` in the host tier, reading it from disk on a host miss."""
+    def _disk_nbytes(self, key: ExpertKey) -> int:
+        """Bytes a read of ``key`` takes from disk (file dtype; the slot may hold another)."""
+        nbytes = getattr(self.reader, "nbytes", None)
+        return nbytes(key) if nbytes is not None else self.expert_nbytes
+
+    def _host_acquire(self, key: ExpertKey, group: Iterable[ExpertKey]) -> int:
+        """Pin ``key`` in the host tier, reading it from disk on a host miss. The victim is
+        preferably not in ``group`` (what the current layer still needs: evicting it only
+        reads it again); when every unpinned host slot holds such a key, one of them goes."""
         assert self.host is not None
         cache = self.host.cache
         with self._cond:
@@ -207,7 +215,9 @@ class OffloadedExperts:
                 if state == LOADING:
                     self._cond.wait(WAIT_S)
                     continue
-                hslot = cache.reserve(key)
+                hslot = cache.reserve(key, group)
+                if hslot is None:
+                    hslot = cache.reserve(key)
                 if hslot is None:
                     self._cond.wait(WAIT_S)
                     continue
@@ -224,7 +234,7 @@ class OffloadedExperts:
         with self._cond:
             cache.commit(key)
             cache.touch(key)
-            self.stats.bytes_from_disk += self.expert_nbytes
+            self.stats.bytes_from_disk += self._disk_nbytes(key)
         return hslot
 
     # ---- prefetch path (worker thread) ------------------------------------------------------
@@ -239,7 +249,7 @@ class OffloadedExperts:
             self.stats.prefetch_issued += 1
             self.stats.pending_prefetch.add(key)
             try:
-                self._load_unlocked(key, slot, demand=False)
+                self._load_unlocked(key, slot, demand=False, group=self._protected)
             except BaseException as exc:  # handed to the caller's thread
                 self.stats.pending_prefetch.discard(key)
                 self._error = exc
