@@ -95,3 +95,11 @@ def test_matvec_bench_reports_both_kernels() -> None:
     assert {r["dtype"] for r in doc["results"]} == {"bfloat16", "float16", "float32"}
     for r in doc["results"]:
         assert r["linear_us"] > 0 and r["mv_us"] > 0 and r["linear_over_mv"] > 0
+
+
+def test_reader_bench_runs_every_read_mode(tiny_bench: tuple[dict, dict]) -> None:
+    doc = _run(str(BENCH / "reader_bench.py"), tiny_bench[1]["model_dir"], "--repeats", "1",
+               "--prompt-tokens", "4", "--new-tokens", "3")
+    assert set(doc["runs"]) == {"o_direct", "buffered_drop", "buffered_readahead"}
+    assert all(len(v) == 1 and v[0] > 0 for v in doc["runs"].values())
+    assert doc["ratio_to_buffered_readahead"]["buffered_readahead"] == 1.0
