@@ -1,10 +1,13 @@
 """One-row matrix products on this CPU: ``F.linear`` against ``torch.mv``, per dtype and shape.
 
     python benchmarks/matvec_bench.py [--repeats 5] [--hidden 1024 --inter 3584 --vocab 32000]
+        [--model-dir /tmp/bench/small]
 
 The evidence behind ``offload_rt.model.matvec``'s rule (``mv`` for one bfloat16 row against
 matrices of >= 1024 rows). Prints JSON: per (dtype, shape) the median microseconds of each
-kernel over ``--repeats`` timed batches, measured interleaved, and linear / mv.
+kernel over ``--repeats`` timed batches, measured interleaved, and linear / mv. With
+``--model-dir``, also the resident decode speed of that model with the rule on and off (one
+runtime, alternating, ``--repeats`` generations of 24 tokens each way).
 """
 
 from __future__ import annotations
@@ -26,6 +29,27 @@ def _time(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def _decode_ab(model_dir: str, repeats: int) -> dict:
+    """Resident decode tokens/s with the mv rule on and off, alternating in one runtime."""
+    import offload_rt
+    import offload_rt.model.matvec as matvec
+
+    rule = matvec.MV_MIN_ROWS
+    runs: dict[str, list[float]] = {"mv_rule": [], "f_linear_only": []}
+    with offload_rt.load(model_dir, offload=False, max_seq_len=64) as rt:
+        prompt = [(i * 7919) % rt.config.vocab_size for i in range(32)]
+        rt.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+        for _ in range(repeats):
+            for mode in runs:
+                matvec.MV_MIN_ROWS = rule if mode == "mv_rule" else 2**62
+                out = rt.generate(prompt, max_new_tokens=24, ignore_eos=True)
+                runs[mode].append(out.stats["decode_tokens_per_s"])
+    matvec.MV_MIN_ROWS = rule
+    med = {m: statistics.median(v) for m, v in runs.items()}
+    return {"runs": runs, "median_decode_tokens_per_s": med,
+            "mv_rule_over_f_linear": round(med["mv_rule"] / med["f_linear_only"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -33,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--inter", type=int, default=3584)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model-dir", help="also time resident decoding of this model")
     a = p.parse_args(argv)
     h, f, v = a.hidden, a.inter, a.vocab
     shapes = {"w1;w3": (2 * f, h), "w2": (h, f), "lm_head": (v, h), "wq/wo": (h, h),
@@ -52,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"dtype": str(dtype).removeprefix("torch."), "matrix": name,
                          "shape": [o, i], "linear_us": round(ml, 1), "mv_us": round(mm, 1),
                          "linear_over_mv": round(ml / mm, 2)})
-    print(json.dumps({"benchmark": "matvec", "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "results": rows}))
+    doc = {"benchmark": "matvec", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "results": rows}
+    if a.model_dir:
+        doc["decode"] = _decode_ab(a.model_dir, a.repeats)
+    print(json.dumps(doc))
     return 0
 
 
