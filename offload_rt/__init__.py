@@ -5,8 +5,25 @@
     print(rt.generate("The capital of France is", max_new_tokens=16).text)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from offload_rt.errors import OffloadError
-from offload_rt.runtime import Output, Runtime, load
+
+if TYPE_CHECKING:
+    from offload_rt.runtime import Output, Runtime, load
 
 __version__ = "0.1.0"
 __all__ = ["OffloadError", "Output", "Runtime", "load"]
+_RUNTIME_NAMES = ("Output", "Runtime", "load")
+
+
+def __getattr__(name: str) -> Any:
+    """``load``, ``Runtime`` and ``Output`` import torch: only on first use, so the command
+    line (``--help``, ``simulate``) and pure-Python tools start without it."""
+    if name in _RUNTIME_NAMES:
+        from offload_rt import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'offload_rt' has no attribute {name!r}")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from offload_rt.errors import ContextLengthError
-from offload_rt.runtime import Runtime
+
+if TYPE_CHECKING:
+    from offload_rt.runtime import Runtime
 
 
 @dataclass

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from collections import Counter
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import offload_rt
 from offload_rt.chat import ChatSession
@@ -27,7 +27,9 @@ from offload_rt.cli_options import (
 )
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import ContextLengthError
-from offload_rt.runtime import Runtime
+
+if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
+    from offload_rt.runtime import Runtime
 
 HELP = "commands: /reset (forget the conversation), /stats, /help, /exit"
 TOTALS = ("tokens", "hits", "misses", "bytes_moved", "prefetch_useful", "prefetch_wasted")

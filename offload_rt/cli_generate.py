@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import offload_rt
 from offload_rt.cli_options import (
@@ -26,8 +26,9 @@ from offload_rt.cli_options import (
 from offload_rt.cli_simulate import add_trace_options, trace_kwargs
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
-from offload_rt.runtime import Output, Runtime
-from offload_rt.trace_recorder import record_trace
+
+if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
+    from offload_rt.runtime import Output, Runtime
 
 
 def add_generate_parser(subparsers: Any,
@@ -90,6 +91,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def traced_generate(rt: Runtime, request: dict[str, Any], args: argparse.Namespace) -> Output:
     """``generate`` with its routing recorded to ``--trace FILE`` (see docs/trace_format.md)."""
+    from offload_rt.runtime import Output
+    from offload_rt.trace_recorder import record_trace
+
     request = dict(request)
     max_new = request.pop("max_new_tokens")
     prompt = rt.encode(request.pop("prompt", None), messages=request.pop("messages", None))

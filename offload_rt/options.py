@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from cache_policies import policy_class
 from offload_rt.errors import OptionError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# --dtype spellings -> torch dtype names (torch is imported only when a runtime is built)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 POOLS = ("auto", "layer", "global")
 
 
@@ -59,6 +62,8 @@ class RuntimeOptions:
             raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionError(f"--device {self.device}: CUDA is not available in this torch "
                               f"build ({torch.__version__}); use --device cpu or install a "
@@ -66,4 +71,6 @@ class RuntimeOptions:
         return torch.device(self.device)
 
     def torch_dtype(self, file_dtype: torch.dtype) -> torch.dtype:
-        return DTYPES[self.dtype] if self.dtype else file_dtype
+        import torch
+
+        return getattr(torch, DTYPES[self.dtype]) if self.dtype else file_dtype

@@ -262,3 +262,23 @@ def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr == f"offload-rt: error: {missing}: model folder does not exist\n"
+
+
+NO_TORCH_PROBE = """
+import contextlib, io, sys
+from offload_rt.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main(["--help"]), main(["simulate", "--help"]),
+             main(["simulate", "--synthetic", "--layers", "2", "--experts", "4", "--tokens", "30",
+                   "--policies", "lru,opt", "--capacity", "2", "--json"])]
+print(codes, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "accelerate")))
+"""
+
+
+def test_help_and_simulate_do_not_import_torch() -> None:
+    """The command line starts in a fraction of a second: torch (seconds to import) loads only
+    for commands that run a model; the research kit's simulator never needs it."""
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_PROBE], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[0, 0, 0] []"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from accelerate.utils import convert_file_size_to_int
-
 from offload_rt.errors import OptionError
 
 AUTO = "auto"
@@ -22,6 +20,8 @@ def parse_size(text: str | int | None, option: str) -> int | None:
     elif text.strip().lower() == AUTO:
         return None
     else:
+        from accelerate.utils import convert_file_size_to_int  # imports torch: only when needed
+
         s = text.strip()
         try:
             value = int(s) if s.isdigit() else convert_file_size_to_int(s)
