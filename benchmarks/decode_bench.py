@@ -11,9 +11,9 @@ One JSON document goes to stdout (and ``--out``): per-run records, per-mode medi
 ratios to offload_rt resident, and achieved / physical limit (see ``physical_limit.py``).
 
 Modes (``MODES``): ``ort_*`` run offload_rt with every expert resident, or an expert cache of
-50% / 25% of the experts' bytes (``cache_experts`` = 4 / 2 of 8 per layer), experts read with the
-page cache dropped (``cold``: files evicted before the run, each read evicts its pages) or kept
-(``warm``: files read once before the run). ``hf_resident`` is transformers, every weight in RAM.
+50% / 25% of the experts' bytes (``cache_experts`` = 4 / 2 of 8 per layer), experts read past the
+page cache (``cold``: files evicted before the run, the engine's ``O_DIRECT`` reads) or through
+it (``warm``: files read once before the run, buffered reads). ``hf_resident`` is transformers, every weight in RAM.
 ``accel_*`` is transformers + accelerate ``device_map`` disk offload at the same budget: the
 experts of all but 25% (50%) of the layers live on disk (accelerate's offload folder); ``warm``
 keeps the page cache, ``bounded`` evicts the model's and the offload folder's files from it

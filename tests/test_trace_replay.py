@@ -120,3 +120,27 @@ def test_recorded_predictions_are_the_runtimes(tiny_hf_checkpoint: Path) -> None
     assert recorded == seen and len(seen) == 2 * 3  # decode steps x layers with a next layer
     decode = [r for r in trace.records if r.num_tokens == 1 and r.layer == 0]
     assert all(r.predicted[0].layer == 1 and len(r.predicted[0].experts) == 2 for r in decode)
+
+
+def test_tracing_an_offloaded_run_predicts_once_per_layer(tiny_hf_checkpoint: Path) -> None:
+    """The recorder takes the engine's own predictions (``last_predictions``) instead of
+    running the predictor a second time."""
+    with offload_rt.load(tiny_hf_checkpoint, dtype="float32", cache_experts=2, prefetch=1,
+                         prefill_chunk=CHUNK, max_seq_len=64) as rt:
+        predictor = rt.experts.predictor
+        calls = [0]
+        original = predictor.predict
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return original(*args, **kwargs)
+
+        predictor.predict = counting  # type: ignore[method-assign]
+        rt.generate(PROMPTS[0], max_new_tokens=4, ignore_eos=True)
+        untraced, calls[0] = calls[0], 0
+        trace = record_trace(rt, None, PROMPTS[:1], 4, ignore_eos=True, precision=None)
+        rt.experts.drain()
+    assert untraced > 0 and calls[0] == untraced
+    last = max(r.layer for r in trace.records)  # nothing lies beyond the last layer
+    decode_records = [r for r in trace.records if r.num_tokens == 1 and r.layer < last]
+    assert decode_records and all(r.predicted for r in decode_records)

@@ -50,6 +50,8 @@ class OffloadedExperts:
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
         self._protected: frozenset[ExpertKey] = frozenset()
+        # (keys, scores) the latest on_route predicted, or None: what the prefetch acted on
+        self.last_predictions: tuple[list[ExpertKey], dict[ExpertKey, float]] | None = None
         device.cache._on_evict = self._evicted
         self._worker = PrefetchWorker(self._cond, self._prefetch_one) \
             if predictor is not None and prefetch_depth > 0 else None
@@ -68,12 +70,14 @@ class OffloadedExperts:
 
     def on_route(self, layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
         needed = frozenset(ExpertKey(layer, e) for e in torch.unique(ids).tolist())
+        self.last_predictions = None
         with self._cond:
             self._protected = needed
             worker, hidden = self._worker, self._hidden  # close() may clear them meanwhile
             if worker is None or hidden is None or self.predictor is None:
                 return
         keys, scores = self.predictor.predict(layer, hidden, self.depth)
+        self.last_predictions = (keys, scores)  # read by the trace recorder (no second predict)
         with self._cond:
             self.device.cache.predict(scores)
             if self.host is not None:
