@@ -38,6 +38,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from physical_limit import drop_page_cache, limit, model_files, warm_page_cache
 
+from offload_rt.engine.step_clock import StepClock
+
 # name -> (engine, fraction of the experts' bytes kept in RAM, page cache: warm|cold|bounded)
 MODES = {
     "ort_resident": ("ort", 1.0, "warm"),
@@ -201,40 +203,23 @@ def _shapes(cfg: dict) -> dict:
 # --- the workers: one measurement each, in a fresh process ----------------------------------
 
 
-_COUNTERS = ("hits", "misses", "bytes_from_disk", "bytes_host_to_device", "stall_s",
-             "prefetch_issued", "prefetch_useful", "prefetch_wasted")
+def _read_bytes() -> dict[str, float]:
+    """Bytes this process really read from the device (/proc/self/io)."""
+    return {"read_bytes": float(psutil.Process().io_counters().read_bytes)}
 
 
-class StepClock:
-    """Forward hooks on offload_rt's model: per-forward time and engine counters, so decode
-    steps (one token) are reported apart from the prefill."""
-
-    def __init__(self, stats: object) -> None:
-        self.stats, self.steps, self._start = stats, [], None
-        self.io = psutil.Process()
-
-    def _snap(self) -> dict:
-        snap = {k: getattr(self.stats, k) for k in _COUNTERS}
-        snap.update(t=time.perf_counter(), read_bytes=self.io.io_counters().read_bytes)
-        return snap
-
-    def pre(self, module: object, args: tuple) -> None:
-        self._start = self._snap()
-
-    def post(self, module: object, args: tuple, output: object) -> None:
-        end = self._snap()
-        self.steps.append({k: end[k] - self._start[k] for k in end} | {"T": args[0].shape[0]})
+def step_clock(stats: object) -> StepClock:
+    return StepClock(stats, extra=_read_bytes)  # type: ignore[arg-type]
 
 
-def decode_figures(steps: list[dict], expert_bytes: int) -> dict:
-    decode = [s for s in steps if s["T"] == 1]
-    n = max(1, len(decode))
-    total = {k: sum(s[k] for s in decode) for k in decode[0]} if decode else {}
+def decode_figures(clock: StepClock, expert_bytes: int) -> dict:
+    total = clock.decode_totals()
     if not total:
         return {}
+    n = int(total["steps"])
     needed = total["hits"] + total["misses"]
     required = total["misses"] + total["prefetch_useful"]
-    return {"decode_steps_measured": len(decode), "decode_forward_s": round(total["t"], 6),
+    return {"decode_steps_measured": n, "decode_forward_s": round(total["t"], 6),
             "hit_rate": round(total["hits"] / needed, 4) if needed else None,
             "misses_per_token": total["misses"] / n,
             "loads_per_token": total["bytes_from_disk"] / expert_bytes / n,
@@ -262,10 +247,9 @@ def run_offload_rt(spec: dict, fraction: float, cache: str) -> dict:
     load_s = time.perf_counter() - start
     if cache == "cold":  # loading the trunk read ahead into expert bytes: start truly cold
         drop_page_cache(model_files(Path(spec["model_dir"])))
-    clock = StepClock(rt.stats)
-    rt.model.register_forward_pre_hook(clock.pre)
-    rt.model.register_forward_hook(clock.post)
-    out = rt.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True)
+    clock = step_clock(rt.stats)
+    with clock.attached(rt.model):
+        out = rt.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True)
     s = out.stats
     res = {"engine": "offload_rt", "options": opts, "load_s": round(load_s, 3),
            "token_ids": out.token_ids, "decode_tokens_per_s": s["decode_tokens_per_s"],
@@ -273,7 +257,7 @@ def run_offload_rt(spec: dict, fraction: float, cache: str) -> dict:
            "engine_stats": {k: v for k, v in s.items() if k != "per_layer"},
            "rss_after_bytes": psutil.Process().memory_info().rss}
     if fraction < 1.0:
-        res.update(decode_figures(clock.steps, rt.plan.footprint.expert))
+        res.update(decode_figures(clock, rt.plan.footprint.expert))
     rt.close()
     return res
 

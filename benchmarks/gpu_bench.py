@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_bench import StepClock, decode_figures
+from decode_bench import decode_figures, step_clock
 from physical_limit import measure
 
 
@@ -59,11 +59,10 @@ def run(args: argparse.Namespace) -> dict:
                          cpu_memory=args.cpu_memory, prefetch=args.prefetch,
                          max_seq_len=args.prompt_tokens + args.new_tokens + 8)
     load_s = time.perf_counter() - start
-    clock = StepClock(rt.stats)
-    rt.model.register_forward_pre_hook(clock.pre)
-    rt.model.register_forward_hook(clock.post)
-    out = rt.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
-    fig = decode_figures(clock.steps, phys["expert_bytes"])
+    clock = step_clock(rt.stats)
+    with clock.attached(rt.model):
+        out = rt.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+    fig = decode_figures(clock, phys["expert_bytes"])
     decode = [s for s in clock.steps if s["T"] == 1]
     h2d_per_token = sum(s["bytes_host_to_device"] for s in decode) / max(1, len(decode))
     t_link = max(h2d_per_token / (bw["GBps"] * 1e9),

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 
 from offload_rt import __version__
+from offload_rt.cli_bench import add_bench_parser
 from offload_rt.cli_chat import add_chat_parser
 from offload_rt.cli_generate import add_generate_parser
 from offload_rt.cli_simulate import add_simulate_parser, add_trace_parser
@@ -25,7 +26,7 @@ from offload_rt.errors import OffloadError
 
 PROG = "offload-rt"
 SUBCOMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
-    add_generate_parser, add_chat_parser, add_trace_parser, add_simulate_parser)
+    add_generate_parser, add_chat_parser, add_bench_parser, add_trace_parser, add_simulate_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

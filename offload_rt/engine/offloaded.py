@@ -19,7 +19,7 @@ from cache_policies import ExpertKey
 from offload_rt.engine.expert_cache import LOADING, RESIDENT, ExpertCache
 from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
 from offload_rt.engine.slots import SlotPool
-from offload_rt.engine.stats import EngineStats
+from offload_rt.engine.stats import BusyClock, EngineStats
 from offload_rt.engine.transfer import HostToDevice
 from offload_rt.errors import LoaderError
 
@@ -46,6 +46,7 @@ class OffloadedExperts:
         self.expert_nbytes = expert_nbytes
         self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
         self.stats = EngineStats()
+        self._disk_clock, self._h2d_clock = BusyClock(), BusyClock()
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
@@ -177,19 +178,35 @@ class OffloadedExperts:
         """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
         if self.host is None:
             dst = self.device.slots.place(slot, self._phase(key))
-            self.reader(key, dst)
+            self._read(key, dst)
             with self._cond:
                 self.stats.bytes_from_disk += self._disk_nbytes(key)
             return
         dst = self.device.slots.place(slot, 0)
         hslot = self._host_acquire(key, group)
         try:
-            self.h2d.copy(dst, self.host.slots[hslot], slot)
+            with self._cond:
+                self._h2d_clock.enter()
+            try:
+                self.h2d.copy(dst, self.host.slots[hslot], slot)
+            finally:
+                with self._cond:
+                    self.stats.h2d_busy_s += self._h2d_clock.leave()
         finally:
             with self._cond:
                 self.host.cache.unpin(key)
                 self.stats.bytes_host_to_device += self.expert_nbytes
                 self._cond.notify_all()
+
+    def _read(self, key: ExpertKey, out: torch.Tensor) -> None:
+        """The reader, with the disk's busy time accounted (no lock held on entry)."""
+        with self._cond:
+            self._disk_clock.enter()
+        try:
+            self.reader(key, out)
+        finally:
+            with self._cond:
+                self.stats.disk_busy_s += self._disk_clock.leave()
 
     def _phase(self, key: ExpertKey) -> int:
         """Where in its slot ``key`` should start so the reader's disk reads land aligned."""
@@ -229,7 +246,7 @@ class OffloadedExperts:
                 cache.pin(key)
                 break
         try:
-            self.reader(key, self.host.slots.place(hslot, self._phase(key)))
+            self._read(key, self.host.slots.place(hslot, self._phase(key)))
         except BaseException:
             with self._cond:
                 cache.unpin(key)

@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+
+class BusyClock:
+    """Seconds during which at least one transfer on a link (the disk, host -> device) was in
+    flight: overlapping transfers count once. Callers serialize ``enter``/``leave``."""
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self._since = 0.0
+
+    def enter(self) -> None:
+        if self.inflight == 0:
+            self._since = time.perf_counter()
+        self.inflight += 1
+
+    def leave(self) -> float:
+        """End one transfer; the busy seconds this closes (0 while others are in flight)."""
+        self.inflight -= 1
+        return time.perf_counter() - self._since if self.inflight == 0 else 0.0
 
 
 @dataclass
@@ -23,6 +43,8 @@ class EngineStats:
     prefetch_useful: int = 0
     prefetch_wasted: int = 0
     stall_s: float = 0.0
+    disk_busy_s: float = 0.0  # at least one disk read in flight (BusyClock)
+    h2d_busy_s: float = 0.0  # at least one host -> device copy in flight
     tokens: int = 0
     # Prefetched keys not used or evicted yet. Kept here so ``reset`` forgets them too: each
     # prefetch is counted useful or wasted at most once, in the period that issued it.
@@ -52,6 +74,7 @@ class EngineStats:
             "bytes_per_token": self.bytes_moved / self.tokens if self.tokens else 0.0,
             "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
             "prefetch_wasted": self.prefetch_wasted, "stall_s": round(self.stall_s, 6),
+            "disk_busy_s": round(self.disk_busy_s, 6), "h2d_busy_s": round(self.h2d_busy_s, 6),
             "per_layer": {str(i): {"hits": self.layer_hits[i], "misses": self.layer_misses[i]}
                           for i in layers},
         }

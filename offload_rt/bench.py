@@ -1,0 +1,115 @@
+"""``offload-rt bench``: how fast this machine decodes a model with these options, and why.
+
+Runs greedy generations of a seeded random prompt (token ids, so a model folder without a
+tokenizer works too) on one loaded runtime and reports medians over the repeats: decode
+tokens/s, time to first token, and over the decode steps (one token each; prefill excluded)
+the hit rate, expert loads and bytes per token, and how busy each link was while the steps
+ran. The links are timed by the engine itself (``EngineStats.disk_busy_s``: seconds with
+at least one disk read in flight; ``h2d_busy_s`` likewise for host -> device copies), so no
+extra memory is needed to measure the disk. A link busy nearly all the time is the bottleneck;
+``link_limit_tokens_per_s`` is what the busiest link allows at the rate it delivered here.
+
+The first repeat starts with an empty expert cache, later ones with what the previous one left
+(as in a chat): compare medians, and use ``--repeats`` >= 3. For comparisons against other
+libraries and the hardware see ``benchmarks/`` in the source tree.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from offload_rt.engine.step_clock import StepClock
+from offload_rt.runtime import Runtime
+
+Report = Callable[[int, dict[str, Any]], None]
+BUSY_BOUND = 0.7  # a link busy this share of the decode time or more is called the bottleneck
+
+
+def bench_prompt(vocab_size: int, tokens: int, seed: int) -> list[int]:
+    """``tokens`` seeded ids, avoiding the first few (BOS/EOS/UNK in Mixtral vocabularies)."""
+    gen = torch.Generator().manual_seed(seed)
+    low = min(3, vocab_size - 1)
+    return torch.randint(low, vocab_size, (tokens,), generator=gen).tolist()
+
+
+def _one_run(rt: Runtime, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """One generation; engine figures over its decode steps (one token each) only."""
+    clock = StepClock(rt.stats)
+    with clock.attached(rt.model):
+        out = rt.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    d = clock.decode_totals()
+    n, t = int(d.get("steps", 0)), d.get("t", 0.0)
+    needed = d.get("hits", 0) + d.get("misses", 0)
+    busiest = max(d.get("disk_busy_s", 0.0), d.get("h2d_busy_s", 0.0))
+    offloaded = rt.offloaded and n > 0
+
+    def per_token(key: str) -> float:
+        return d[key] / n
+
+    def fraction(key: str) -> float:  # a busy interval may have begun between two steps
+        return min(1.0, d[key] / t) if t else 0.0
+
+    def rate(nbytes: str, busy: str) -> float | None:
+        return d[nbytes] / d[busy] / 1e9 if d[busy] else None
+
+    return {
+        "decode_tokens_per_s": out.stats["decode_tokens_per_s"],
+        "time_to_first_token_s": out.stats["time_to_first_token_s"],
+        "decode_steps": n,
+        "hit_rate": d["hits"] / needed if offloaded and needed else None,
+        "loads_per_token": (d["misses"] + d["prefetch_issued"]) / n if offloaded else None,
+        "bytes_per_token": (d["bytes_from_disk"] + d["bytes_host_to_device"]) / n
+        if offloaded else None,
+        "disk_bytes_per_token": per_token("bytes_from_disk") if offloaded else None,
+        "stall_fraction": fraction("stall_s") if offloaded else None,
+        "disk_busy_fraction": fraction("disk_busy_s") if offloaded else None,
+        "h2d_busy_fraction": fraction("h2d_busy_s") if offloaded else None,
+        "disk_GBps_while_busy": rate("bytes_from_disk", "disk_busy_s") if offloaded else None,
+        "h2d_GBps_while_busy": rate("bytes_host_to_device", "h2d_busy_s") if offloaded else None,
+        # decode tokens/s if the busiest link were busy all the time at the rate it ran at
+        "link_limit_tokens_per_s": n / busiest if offloaded and busiest else None,
+        "token_ids": out.token_ids,
+    }
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return round(statistics.median(values), 4) if values else None
+
+
+def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
+              seed: int = 0, report: Report | None = None) -> dict[str, Any]:
+    """Generate ``repeats`` times; per-run figures and their medians (see module docstring)."""
+    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
+        raise ValueError("bench needs prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1")
+    prompt = bench_prompt(rt.config.vocab_size, prompt_tokens, seed)
+    runs = []
+    for i in range(repeats):
+        runs.append(_one_run(rt, prompt, new_tokens))
+        if report is not None:
+            report(i, runs[-1])
+    keys = [k for k in runs[0] if k not in ("token_ids", "decode_steps")]
+    medians = {k: _median(runs, k) for k in keys}
+    bound = None
+    if rt.offloaded:
+        busy = {"disk": medians["disk_busy_fraction"] or 0.0,
+                "host_to_device": medians["h2d_busy_fraction"] or 0.0}
+        link, fraction = max(busy.items(), key=lambda kv: kv[1])
+        bound = link if fraction >= BUSY_BOUND else "compute"
+    o = rt.options
+    return {
+        "model_dir": str(rt.checkpoint.model_dir), "offloaded": rt.offloaded,
+        "options": {"device": o.device, "dtype": str(rt.dtype).removeprefix("torch."),
+                    "cache_experts_per_layer": (rt.plan.device_slots / rt.config.num_layers
+                                                if rt.offloaded else None),
+                    "policy": o.policy, "prefetch": o.prefetch,
+                    "page_cache": "bypassed" if o.drop_page_cache else "used"},
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+        "same_tokens_every_run": all(r["token_ids"] == runs[0]["token_ids"] for r in runs),
+        "median": medians, "bound_by": bound,
+        "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
+    }

@@ -1,0 +1,102 @@
+"""``offload-rt bench`` and what it is built on: link busy clocks, per-step engine counters,
+decode-only figures, the summary and JSON outputs, bad options. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_factory import TinySpec, make_hf_checkpoint
+
+import offload_rt
+from offload_rt.bench import bench_prompt, run_bench
+from offload_rt.cli import main
+from offload_rt.engine.stats import BusyClock, EngineStats
+from offload_rt.engine.step_clock import StepClock
+
+SPEC = TinySpec(num_experts=8, top_k=2, num_layers=2, seed=31)  # no tokenizer: ids only
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("bench"), SPEC)
+
+
+def test_busy_clock_counts_overlapping_transfers_once() -> None:
+    clock = BusyClock()
+    clock.enter()
+    time.sleep(0.02)
+    clock.enter()  # a second transfer joins the first
+    assert clock.leave() == 0.0  # the link stays busy
+    time.sleep(0.02)
+    busy = clock.leave()
+    assert 0.035 <= busy < 1.0 and clock.inflight == 0
+    clock.enter()
+    assert clock.leave() < 0.01  # a new interval starts from its own enter
+
+
+def test_step_clock_separates_decode_steps() -> None:
+    stats = EngineStats()
+    clock = StepClock(stats)
+    model = torch.nn.Identity()
+    with clock.attached(model):
+        stats.misses += 3  # before the first call: not counted
+        for tokens, misses in ((5, 4), (1, 2), (1, 1)):
+            clock.pre(model, (torch.zeros(tokens),))
+            stats.misses += misses
+            clock.post(model, (torch.zeros(tokens),), None)
+    assert [s["T"] for s in clock.steps] == [5, 1, 1]
+    totals = clock.decode_totals()
+    assert totals["steps"] == 2 and totals["misses"] == 3
+    assert not model._forward_hooks and not model._forward_pre_hooks  # detached
+
+
+def test_bench_prompt_is_seeded_and_in_vocabulary() -> None:
+    a, b = bench_prompt(100, 50, seed=1), bench_prompt(100, 50, seed=1)
+    assert a == b != bench_prompt(100, 50, seed=2)
+    assert all(3 <= t < 100 for t in a)
+
+
+def test_run_bench_offloaded_reports_decode_figures(model_dir: Path) -> None:
+    with offload_rt.load(model_dir, cache_experts=2, prefetch=1) as rt:
+        seen: list[int] = []
+        r = run_bench(rt, prompt_tokens=8, new_tokens=6, repeats=2,
+                      report=lambda i, run: seen.append(i))
+    assert seen == [0, 1] and r["offloaded"] and len(r["runs"]) == 2
+    assert r["same_tokens_every_run"]
+    for run in r["runs"]:
+        assert run["decode_steps"] == 5  # 6 tokens: the first comes from the prefill
+        assert run["loads_per_token"] > 0 and 0 <= run["hit_rate"] <= 1
+        assert 0 < run["disk_busy_fraction"] <= 1 and run["h2d_busy_fraction"] == 0
+        assert run["disk_GBps_while_busy"] > 0 and run["link_limit_tokens_per_s"] > 0
+    assert r["median"]["loads_per_token"] > 0
+    assert r["bound_by"] in ("disk", "compute")
+
+
+def test_bench_command_json_and_summary(model_dir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", str(model_dir), "--prompt-tokens", "6", "--new-tokens", "4",
+            "--repeats", "2", "--cache-experts", "2"]
+    assert main([*args, "--json"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out)
+    assert r["repeats"] == 2 and r["options"]["cache_experts_per_layer"] == 2
+    assert err.count("tok/s decode") == 2  # one progress line per run
+    assert main(args) == 0
+    out, _ = capsys.readouterr()
+    for label in ("decode", "first token", "hit rate", "expert loads", "disk busy", "bound by"):
+        assert label in out
+    assert main(["bench", str(model_dir), "--no-offload", "--repeats", "1", "--new-tokens",
+                 "3"]) == 0
+    out, _ = capsys.readouterr()
+    assert "every expert resident" in out and "hit rate" not in out
+
+
+@pytest.mark.parametrize("flag", ["--new-tokens=1", "--repeats=0", "--prompt-tokens=0"])
+def test_bench_refuses_degenerate_settings(model_dir: Path, flag: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", str(model_dir), flag]) == 2
+    assert "bench needs" in capsys.readouterr().err
