@@ -68,7 +68,7 @@ def replayed(trace: Trace, policy: str, slots: int,
     return sim.hits, sim.misses, Counter(sim.layer_hits), Counter(sim.layer_misses)
 
 
-@pytest.mark.parametrize(("pool", "policy"), itertools.product(("layer", "global"), POLICIES))
+@pytest.mark.parametrize(("pool", "policy"), list(itertools.product(("layer", "global"), POLICIES)))
 def test_replay_reproduces_runtime_counts(tiny_hf_checkpoint: Path, pool: str,
                                           policy: str) -> None:
     spec_experts, top_k = 4, 2  # TinySpec() defaults
