@@ -32,7 +32,7 @@ def _time(fn, iters: int) -> float:  # type: ignore[no-untyped-def]
 def _decode_ab(model_dir: str, repeats: int) -> dict:
     """Resident decode tokens/s with the mv rule on and off, alternating in one runtime."""
     import offload_rt
-    import offload_rt.model.matvec as matvec
+    from offload_rt.model import matvec
 
     rule = matvec.MV_MIN_ROWS
     runs: dict[str, list[float]] = {"mv_rule": [], "f_linear_only": []}
@@ -40,10 +40,10 @@ def _decode_ab(model_dir: str, repeats: int) -> dict:
         prompt = [(i * 7919) % rt.config.vocab_size for i in range(32)]
         rt.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
         for _ in range(repeats):
-            for mode in runs:
+            for mode, times in runs.items():
                 matvec.MV_MIN_ROWS = rule if mode == "mv_rule" else 2**62
                 out = rt.generate(prompt, max_new_tokens=24, ignore_eos=True)
-                runs[mode].append(out.stats["decode_tokens_per_s"])
+                times.append(out.stats["decode_tokens_per_s"])
     matvec.MV_MIN_ROWS = rule
     med = {m: statistics.median(v) for m, v in runs.items()}
     return {"runs": runs, "median_decode_tokens_per_s": med,
@@ -67,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, (o, i) in shapes.items():
             w = (torch.randn(o, i) / i**0.5).to(dtype)
             x = torch.randn(1, i).to(dtype)
-            lin, mv = (lambda: F.linear(x, w)), (lambda: torch.mv(w, x[0]))
+            def lin(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+                return F.linear(x, w)
+
+            def mv(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+                return torch.mv(w, x[0])
+
             lin(), mv()
             t_lin, t_mv = [], []
             for _ in range(a.repeats):  # interleaved

@@ -7,7 +7,6 @@ import json
 import sys
 from typing import IO, Any
 
-from offload_rt.engine.sizes import format_size
 from offload_rt.cli_options import (
     add_model_argument,
     add_runtime_arguments,
@@ -15,6 +14,7 @@ from offload_rt.cli_options import (
     progress_bar,
     runtime_options,
 )
+from offload_rt.engine.sizes import format_size
 
 
 def add_bench_parser(subparsers: Any,
@@ -90,15 +90,14 @@ def print_summary(r: dict[str, Any], out: IO[str]) -> None:
             ("first token", f"{m['time_to_first_token_s']:.2f} s")]
     if m["loads_per_token"] is not None:
         rows += [("hit rate", f"{m['hit_rate']:.3f}"),
-                 ("expert loads", f"{m['loads_per_token']:.1f} per token "
-                                  f"({format_size(int(m['bytes_per_token']))} moved)"),
+                 ("expert loads", (f"{m['loads_per_token']:.1f} per token "
+                                   f"({format_size(int(m['bytes_per_token']))} moved)")),
                  ("stall", f"{_pct(m['stall_fraction'])} of the time waiting for experts")]
         for name, key, rate in (("disk busy", "disk_busy_fraction", "disk_GBps_while_busy"),
                                 ("host->device busy", "h2d_busy_fraction",
                                  "h2d_GBps_while_busy")):
             if m[rate] is not None:
-                rows.append((name, f"{_pct(m[key])} of the time, {m[rate]:.2f} GB/s while "
-                                   "busy"))
+                rows.append((name, f"{_pct(m[key])} of the time, {m[rate]:.2f} GB/s while busy"))
         limit = m["link_limit_tokens_per_s"]
         bound = r["bound_by"]
         verdict = f"{bound}" + (f" (at most {limit:.2f} tok/s at the rate it ran at)"

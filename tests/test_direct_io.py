@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import mmap
 import os
 import random
@@ -160,7 +161,7 @@ def test_slots_are_aligned_disjoint_and_placeable(numel: int, dtype: torch.dtype
         assert pool[slot].data_ptr() == view.data_ptr()  # the placement is remembered
         spans.append((view.data_ptr(), view.data_ptr() + numel * item))
     spans.sort()
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
     lo, hi = pool.storage.data_ptr(), pool.storage.data_ptr() + pool.nbytes
     assert lo <= spans[0][0] and spans[-1][1] <= hi
     with pytest.raises(ValueError, match="phase"):

@@ -271,7 +271,7 @@ class OffloadedExperts:
             self.stats.pending_prefetch.add(key)
             try:
                 self._load_unlocked(key, slot, demand=False, group=self._protected)
-            except BaseException as exc:  # handed to the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self.stats.pending_prefetch.discard(key)
                 self._error = exc
                 self._cond.notify_all()
