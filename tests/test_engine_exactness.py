@@ -25,8 +25,13 @@ import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint
 
 import offload_rt
-from cache_policies import ExpertKey, make_policy, simulate
-from offload_rt.engine.offloaded import OffloadedExperts
+from cache_policies import ExpertKey, LRUPolicy, make_policy, simulate
+from offload_rt.engine.assemble import disk_reader
+from offload_rt.engine.expert_cache import ExpertCache
+from offload_rt.engine.offloaded import OffloadedExperts, Tier
+from offload_rt.engine.prefetch import NextLayerPredictor
+from offload_rt.engine.slots import SlotPool
+from offload_rt.engine.transfer import HostToDevice
 from offload_rt.errors import OptionError
 
 PROMPT_LEN = 16
@@ -296,3 +301,47 @@ def test_bf16_matvec_path_matches_resident(wide_reference: tuple[Path, list[torc
     assert mv_calls[0] > DECODE_STEPS  # experts and the LM head really took the mv kernel
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"call {i}: max |diff| {(g - w).abs().max().item():.3g}"
+
+
+# ---- the CUDA layout (disk -> host tier -> device tier), both tiers in CPU memory ---------------
+
+def _two_tier(rt: offload_rt.Runtime, slots_per_pool: int, pools: int, host_slots: int,
+              depth: int) -> OffloadedExperts:
+    """What ``build_offloaded`` makes for a GPU, with the device tier in RAM: the host tier's
+    O_DIRECT reads into phase-placed slots, host -> device copies of those views, the host
+    tier's own policy and victims, prefetch through both tiers."""
+    cfg = rt.config
+    numel, item = cfg.expert_numel, 4
+    cpu = torch.device("cpu")
+    dev = ExpertCache("device", slots_per_pool, pools, LRUPolicy)
+    host = ExpertCache("host", host_slots, 1, LRUPolicy)
+    predictor = NextLayerPredictor([b.ffn_norm for b in rt.model.layers],
+                                   [b.router for b in rt.model.layers], cfg.top_k)
+    return OffloadedExperts(Tier(dev, SlotPool(dev.num_slots, numel, torch.float32, cpu)),
+                            disk_reader(rt.checkpoint, drop_page_cache=True), numel * item,
+                            host=Tier(host, SlotPool(host_slots, numel, torch.float32, cpu)),
+                            h2d=HostToDevice(), predictor=predictor, prefetch_depth=depth,
+                            per_layer=pools > 1)
+
+
+@pytest.mark.parametrize(("host_extra", "depth", "pool"),
+                         [(0, 0, "layer"), (0, 1, "global"), (2, 2, "layer"), (99, 1, "layer")])
+def test_host_tier_path_matches_resident(reference: Callable[[str], Reference], host_extra: int,
+                                         depth: int, pool: str) -> None:
+    ref, spec = reference("e8k2l3"), SPECS["e8k2l3"]
+    pools = spec.num_layers if pool == "layer" else 1
+    per_pool = spec.top_k if pool == "layer" else spec.top_k * spec.num_layers
+    host_slots = min(spec.top_k + host_extra, spec.num_layers * spec.num_experts)
+    with _load(ref, cache_experts=spec.top_k) as rt:
+        experts = _two_tier(rt, per_pool, pools, host_slots, depth)
+        rt.experts.close()
+        rt.experts = experts
+        rt.model.attach(experts, MAX_SEQ)
+        logits = run_sequence(rt, ref.prompt, ref.feed)
+        experts.drain()
+        s = experts.stats
+    for i, (got, want) in enumerate(zip(logits, ref.logits, strict=True)):
+        assert torch.equal(got, want), f"call {i}: max |diff| {(got - want).abs().max().item()}"
+    assert s.host_misses > 0 and s.bytes_host_to_device > 0 and s.h2d_busy_s > 0
+    if host_extra >= 99:  # the host tier holds every expert: none is read from disk twice
+        assert s.host_misses <= spec.num_layers * spec.num_experts and s.host_hits > 0
