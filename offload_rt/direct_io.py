@@ -85,7 +85,8 @@ def _read_bounced(fd: int, path: Path, offset: int, view: memoryview) -> None:
     """``view`` through an aligned bounce buffer (``fd`` is ``O_DIRECT``), one chunk at a
     time: the aligned blocks covering each chunk are read, then the chunk is copied out."""
     pos = 0
-    with mmap.mmap(-1, BOUNCE + 2 * ALIGN) as bounce:  # page-aligned anonymous memory
+    size = min(BOUNCE, len(view)) + 2 * ALIGN  # the covering blocks of one chunk fit
+    with mmap.mmap(-1, size) as bounce:  # page-aligned anonymous memory
         while pos < len(view):
             chunk_at = offset + pos
             start = chunk_at // ALIGN * ALIGN

@@ -57,8 +57,11 @@ def _supports_direct(path: Path) -> bool:
         return False
 
 
+@pytest.mark.parametrize("bounce", [dio.BOUNCE, 3 * ALIGN])  # small: many chunks per read
 def test_every_range_and_phase_reads_the_right_bytes(data_file: tuple[Path, bytes],
-                                                     fresh_refusals: set[Path]) -> None:
+                                                     fresh_refusals: set[Path], bounce: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dio, "BOUNCE", bounce)
     path, data = data_file
     buf, base = _aligned_buffer(DATA_LEN + 3 * ALIGN)
     rng = random.Random(1)
