@@ -102,7 +102,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             for name, entry in header.items()}
 
 
-def _writable_view(out: torch.Tensor) -> memoryview:
+def writable_view(out: torch.Tensor) -> memoryview:
     """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
     if out.device.type != "cpu" or not out.is_contiguous():
         raise ValueError("read target must be a contiguous CPU tensor")
@@ -116,7 +116,7 @@ def read_into(info: TensorInfo, out: torch.Tensor, *, drop_page_cache: bool = Fa
     ``drop_page_cache`` advises the kernel to forget the pages just read (POSIX_FADV_DONTNEED),
     so reading experts from disk does not silently grow the machine's memory use.
     """
-    view = _writable_view(out)
+    view = writable_view(out)
     if len(view) != info.nbytes:
         raise ValueError(f"target holds {len(view)} bytes, tensor '{info.name}' has {info.nbytes}")
     fd = os.open(info.path, os.O_RDONLY)

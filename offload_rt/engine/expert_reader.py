@@ -14,7 +14,7 @@ import torch
 from cache_policies import ExpertKey
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.direct_io import ALIGN, read_range
-from offload_rt.safetensors_file import _writable_view
+from offload_rt.safetensors_file import writable_view
 
 
 class ExpertReader:
@@ -49,7 +49,7 @@ class ExpertReader:
             self.ckpt.read_expert_into(key.layer, key.expert, out,
                                        drop_page_cache=self.direct)
             return
-        view, address, pos = _writable_view(out), out.data_ptr(), 0
+        view, address, pos = writable_view(out), out.data_ptr(), 0
         if len(view) != location.nbytes:
             raise ValueError(f"slot holds {len(view)} bytes, expert {key} has "
                              f"{location.nbytes}")
