@@ -88,13 +88,15 @@ def test_gpu_bench_skips_cleanly_without_cuda() -> None:
     assert doc["skipped"]
 
 
-def test_matvec_bench_reports_both_kernels() -> None:
-    doc = _run(str(BENCH / "matvec_bench.py"), "--hidden", "64", "--inter", "96", "--vocab",
+def test_linear_bench_reports_every_kernel() -> None:
+    doc = _run(str(BENCH / "linear_bench.py"), "--hidden", "64", "--inter", "96", "--vocab",
                "512", "--repeats", "1", "--iters", "2")
-    assert doc["benchmark"] == "matvec"
-    assert {r["dtype"] for r in doc["results"]} == {"bfloat16", "float16", "float32"}
-    for r in doc["results"]:
+    assert doc["benchmark"] == "linear"
+    assert {r["dtype"] for r in doc["one_row"]} == {"bfloat16", "float16", "float32"}
+    for r in doc["one_row"]:
         assert r["linear_us"] > 0 and r["mv_us"] > 0 and r["linear_over_mv"] > 0
+    assert {r["rows"] for r in doc["many_rows"]} == {16, 128, 512}
+    assert all(r["linear_over_fp32_blocks"] > 0 for r in doc["many_rows"])
 
 
 def test_reader_bench_runs_every_read_mode(tiny_bench: tuple[dict, dict]) -> None:

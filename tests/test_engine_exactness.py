@@ -33,6 +33,7 @@ from offload_rt.engine.prefetch import NextLayerPredictor
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.transfer import HostToDevice
 from offload_rt.errors import OptionError
+from offload_rt.model import cpu_linear
 
 PROMPT_LEN = 16
 DECODE_STEPS = 16
@@ -257,17 +258,18 @@ def test_unknown_policy_is_refused(reference: Callable[[str], Reference]) -> Non
         _load(ref, cache_experts=2, policy="no-such-policy")
 
 
-# ---- bfloat16, where decode steps take torch.mv (offload_rt.model.matvec) ----------------------
+# ---- bfloat16: decode steps take torch.mv, prefill a blockwise fp32 GEMM (model/cpu_linear) -----
 
 WIDE = TinySpec(num_experts=4, top_k=2, num_layers=2, hidden_size=64, intermediate_size=512,
                 vocab_size=1024, dtype=torch.bfloat16, seed=14)  # [w1; w3] and lm_head: 1024 rows
+WIDE_PROMPT = 48  # a prefill whose experts get >= 16 tokens each: the fp32 GEMM path
 
 
 @pytest.fixture(scope="module")
 def wide_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[torch.Tensor],
                                                                       list[int], list[int]]:
     model_dir = make_hf_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
-    prompt = torch.randint(0, WIDE.vocab_size, (PROMPT_LEN,),
+    prompt = torch.randint(0, WIDE.vocab_size, (WIDE_PROMPT,),
                            generator=torch.Generator().manual_seed(WIDE.seed)).tolist()
     with offload_rt.load(model_dir, offload=False, max_seq_len=MAX_SEQ) as rt:
         assert rt.dtype == torch.bfloat16
@@ -275,30 +277,37 @@ def wide_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list
         feed: list[int] = []
         for i in range(DECODE_STEPS):
             feed.append(int(logits[-1][-1].argmax()))
-            logits.append(rt.model(torch.tensor([feed[-1]]), PROMPT_LEN + i))
+            logits.append(rt.model(torch.tensor([feed[-1]]), WIDE_PROMPT + i))
     assert len(set(feed)) > 3, f"degenerate reference (tokens {feed}): pick another seed"
     return model_dir, logits, prompt, feed
 
 
 @pytest.mark.parametrize(("policy", "depth", "pool"),
                          [("lru", 1, "layer"), ("lru", 2, "global"), ("router", 0, "layer")])
-def test_bf16_matvec_path_matches_resident(wide_reference: tuple[Path, list[torch.Tensor],
+def test_bf16_cpu_kernels_match_resident(wide_reference: tuple[Path, list[torch.Tensor],
                                                                  list[int], list[int]],
                                            monkeypatch: pytest.MonkeyPatch, policy: str,
                                            depth: int, pool: str) -> None:
     model_dir, want, prompt, feed = wide_reference
     real_mv, mv_calls = torch.mv, [0]
+    real_blocks, fp32_weights = cpu_linear._fp32_blocks, []
 
     def counting_mv(*args: object, **kwargs: object) -> torch.Tensor:
         mv_calls[0] += 1
         return real_mv(*args, **kwargs)  # type: ignore[arg-type]
 
+    def recording_blocks(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        fp32_weights.append(tuple(weight.shape))
+        return real_blocks(x, weight)
+
     monkeypatch.setattr(torch, "mv", counting_mv)
+    monkeypatch.setattr(cpu_linear, "_fp32_blocks", recording_blocks)
     with offload_rt.load(model_dir, offload=True, cache_experts=WIDE.top_k, policy=policy,
                          prefetch=depth, pool=pool, max_seq_len=MAX_SEQ) as rt:
         got = run_sequence(rt, prompt, feed)
         assert rt.experts.stats.misses > 0
     assert mv_calls[0] > DECODE_STEPS  # experts and the LM head really took the mv kernel
+    assert (2 * WIDE.intermediate_size, WIDE.hidden_size) in fp32_weights  # prefill experts
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"call {i}: max |diff| {(g - w).abs().max().item():.3g}"
 

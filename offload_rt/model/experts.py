@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from offload_rt.model.matvec import linear
+from offload_rt.model.cpu_linear import linear
 
 
 def expert_ffn(x: torch.Tensor, packed: torch.Tensor, hidden: int, inter: int) -> torch.Tensor:

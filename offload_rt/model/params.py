@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offload_rt.model.matvec import linear
+from offload_rt.model.cpu_linear import linear
 
 
 def empty_param(*shape: int, device: torch.device | str) -> nn.Parameter:

@@ -1,0 +1,130 @@
+"""CPU kernels for ``x @ W.T``: ``F.linear`` against ``offload_rt.model.cpu_linear``'s choices.
+
+    python benchmarks/linear_bench.py [--repeats 5] [--hidden 1024 --inter 3584 --vocab 32000]
+        [--model-dir /tmp/bench/small]
+
+The evidence behind ``offload_rt/model/cpu_linear.py``. Prints JSON:
+* ``one_row``: per dtype and matrix (a decode step's shapes), median microseconds of
+  ``F.linear`` and ``torch.mv`` over ``--repeats`` timed batches, measured interleaved;
+* ``many_rows``: bfloat16, 16 / 128 / 512 rows (prefill shapes): ``F.linear`` against the
+  float32 GEMM on the weight converted block by block (``cpu_linear._fp32_blocks``);
+* with ``--model-dir``: that model fully resident, the rules on and off (one runtime,
+  alternating): decode tokens/s (24 tokens) and time to first token of a 128-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _time(fn: Callable[[], object], iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def _pair(a: Callable[[], object], b: Callable[[], object], repeats: int,
+          iters: int) -> tuple[float, float]:
+    a(), b()
+    ta, tb = [], []
+    for _ in range(repeats):  # interleaved
+        ta.append(_time(a, iters))
+        tb.append(_time(b, iters))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _shapes(h: int, f: int, v: int) -> dict[str, tuple[int, int]]:
+    return {"w1;w3": (2 * f, h), "w2": (h, f), "lm_head": (v, h), "wq/wo": (h, h),
+            "wk/wv": (h // 4, h)}
+
+
+def one_row(shapes: dict[str, tuple[int, int]], repeats: int, iters: int) -> list[dict]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for name, (o, i) in shapes.items():
+            w = (torch.randn(o, i) / i**0.5).to(dtype)
+            x = torch.randn(1, i).to(dtype)
+            lin, mv = _pair(lambda x=x, w=w: F.linear(x, w),
+                            lambda x=x, w=w: torch.mv(w, x[0]), repeats, iters)
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "matrix": name,
+                         "shape": [o, i], "linear_us": round(lin, 1), "mv_us": round(mv, 1),
+                         "linear_over_mv": round(lin / mv, 2)})
+    return rows
+
+
+def many_rows(shapes: dict[str, tuple[int, int]], repeats: int, iters: int) -> list[dict]:
+    from offload_rt.model.cpu_linear import _fp32_blocks
+
+    rows = []
+    for name in ("w1;w3", "w2", "wq/wo"):
+        o, i = shapes[name]
+        w = (torch.randn(o, i) / i**0.5).to(torch.bfloat16)
+        for n in (16, 128, 512):
+            x = torch.randn(n, i).to(torch.bfloat16)
+            lin, fp32 = _pair(lambda x=x, w=w: F.linear(x, w),
+                              lambda x=x, w=w: _fp32_blocks(x, w), repeats, max(1, iters // 10))
+            rows.append({"matrix": name, "shape": [o, i], "rows": n,
+                         "linear_us": round(lin, 1), "fp32_blocks_us": round(fp32, 1),
+                         "linear_over_fp32_blocks": round(lin / fp32, 2)})
+    return rows
+
+
+def model_ab(model_dir: str, repeats: int) -> dict:
+    """Resident decode tokens/s and 128-token time to first token, rules on and off."""
+    import offload_rt
+    from offload_rt.model import cpu_linear
+
+    on = (cpu_linear.MV_MIN_ROWS, cpu_linear.FP32_MIN_TOKENS)
+    off = (2**62, 2**62)
+    runs: dict[str, dict[str, list[float]]] = {m: {"decode_tokens_per_s": [],
+                                                   "time_to_first_token_s": []}
+                                               for m in ("rules", "f_linear_only")}
+    with offload_rt.load(model_dir, offload=False, max_seq_len=160) as rt:
+        prompt = [(i * 7919) % rt.config.vocab_size for i in range(128)]
+        rt.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+        for _ in range(repeats):
+            for mode, figures in runs.items():
+                cpu_linear.MV_MIN_ROWS, cpu_linear.FP32_MIN_TOKENS = on if mode == "rules" else off
+                s = rt.generate(prompt, max_new_tokens=24, ignore_eos=True).stats
+                for key, values in figures.items():
+                    values.append(s[key])
+    cpu_linear.MV_MIN_ROWS, cpu_linear.FP32_MIN_TOKENS = on
+    med = {m: {k: statistics.median(v) for k, v in f.items()} for m, f in runs.items()}
+    return {"runs": runs, "median": med,
+            "decode_speedup": round(med["rules"]["decode_tokens_per_s"]
+                                    / med["f_linear_only"]["decode_tokens_per_s"], 3),
+            "first_token_speedup": round(med["f_linear_only"]["time_to_first_token_s"]
+                                         / med["rules"]["time_to_first_token_s"], 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--inter", type=int, default=3584)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model-dir", help="also time that model resident, rules on and off")
+    a = p.parse_args(argv)
+    shapes = _shapes(a.hidden, a.inter, a.vocab)
+    doc = {"benchmark": "linear", "torch": torch.__version__,
+           "threads": torch.get_num_threads(),
+           "one_row": one_row(shapes, a.repeats, a.iters),
+           "many_rows": many_rows(shapes, a.repeats, a.iters)}
+    if a.model_dir:
+        doc["model"] = model_ab(a.model_dir, a.repeats)
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
