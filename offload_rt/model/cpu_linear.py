@@ -4,11 +4,12 @@ bfloat16 weights on a CPU without bf16 instructions (the common case) make torch
 slow, and which kernel wins depends on how many rows ``x`` has (measured by
 ``benchmarks/matvec_bench.py`` on this project's 2-core machine):
 
-* one row (a decode step), matrix of >= 1024 rows: ``torch.mv`` is 1.2-1.5x faster
-  (7168x1024: 588 -> 390 us; narrower matrices lose, 256x1024: 28 -> 51 us);
-* >= 16 rows (prefill): float32 GEMM on the weight converted block by block is 1.5-4x faster
-  (7168x1024 at 128 rows: 34 -> 12 ms; at 512 rows: 134 -> 32 ms). The blocks bound the
-  float32 copy to ``FP32_BLOCK_BYTES``; the result is rounded to bfloat16 as the GEMM's is;
+* one row (a decode step), matrix of >= 1024 rows: ``torch.mv`` is 1.2-1.6x faster
+  (7168x1024: 664 -> 408 us; narrower matrices lose, 256x1024: 23 -> 34 us);
+* >= 16 rows (prefill): float32 GEMM on the weight converted block by block is 0.9-1.2x as
+  fast at 16 rows, 2.7-2.9x at 128 and 3.3-3.8x at 512 (7168x1024 at 512 rows: 133 -> 35 ms).
+  The blocks bound the float32 copy to ``FP32_BLOCK_BYTES``; the result is rounded to
+  bfloat16 as the GEMM's is;
 * anything else, and every other dtype or device: ``F.linear``.
 
 The rule is static (shapes and dtype only, no per-run calibration), so the same inputs always
