@@ -2,7 +2,7 @@
 
 bfloat16 weights on a CPU without bf16 instructions (the common case) make torch's default GEMM
 slow, and which kernel wins depends on how many rows ``x`` has (measured by
-``benchmarks/matvec_bench.py`` on this project's 2-core machine):
+``benchmarks/linear_bench.py`` on this project's 2-core machine):
 
 * one row (a decode step), matrix of >= 1024 rows: ``torch.mv`` is 1.2-1.6x faster
   (7168x1024: 664 -> 408 us; narrower matrices lose, 256x1024: 23 -> 34 us);
