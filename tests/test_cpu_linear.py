@@ -12,6 +12,13 @@ from offload_rt.model import cpu_linear
 from offload_rt.model.cpu_linear import FP32_MIN_TOKENS, MV_MIN_ROWS, linear, uses_fp32, uses_mv
 
 
+@pytest.fixture(autouse=True)
+def without_bf16_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rules as on a CPU without bf16 instructions, whatever this one has (the last test
+    switches them on)."""
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)
+
+
 def _w(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed(rows * 7 + cols)
     return (torch.randn(rows, cols, generator=g) / cols**0.5).to(dtype)
@@ -60,3 +67,12 @@ def test_everything_else_is_f_linear(rows: int, tokens: int, dtype: torch.dtype)
     x = torch.randn(tokens, 64).to(dtype)
     assert not uses_mv(x, w) and not uses_fp32(x, w)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_cpus_with_bf16_instructions_keep_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: True)
+    w = _w(MV_MIN_ROWS, 64, torch.bfloat16)
+    for tokens in (1, FP32_MIN_TOKENS * 2):
+        x = torch.randn(tokens, 64).to(torch.bfloat16)
+        assert not uses_mv(x, w) and not uses_fp32(x, w)
+        assert torch.equal(linear(x, w), F.linear(x, w))

@@ -306,8 +306,9 @@ def test_bf16_cpu_kernels_match_resident(wide_reference: tuple[Path, list[torch.
                          prefetch=depth, pool=pool, max_seq_len=MAX_SEQ) as rt:
         got = run_sequence(rt, prompt, feed)
         assert rt.experts.stats.misses > 0
-    assert mv_calls[0] > DECODE_STEPS  # experts and the LM head really took the mv kernel
-    assert (2 * WIDE.intermediate_size, WIDE.hidden_size) in fp32_weights  # prefill experts
+    if not cpu_linear.native_bf16():  # else the rules step aside and F.linear runs throughout
+        assert mv_calls[0] > DECODE_STEPS  # experts and the LM head took the mv kernel
+        assert (2 * WIDE.intermediate_size, WIDE.hidden_size) in fp32_weights  # prefill experts
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.equal(g, w), f"call {i}: max |diff| {(g - w).abs().max().item():.3g}"
 

@@ -10,7 +10,9 @@ slow, and which kernel wins depends on how many rows ``x`` has (measured by
   fast at 16 rows, 2.7-2.9x at 128 and 3.3-3.8x at 512 (7168x1024 at 512 rows: 133 -> 35 ms).
   The blocks bound the float32 copy to ``FP32_BLOCK_BYTES``; the result is rounded to
   bfloat16 as the GEMM's is;
-* anything else, and every other dtype or device: ``F.linear``.
+* anything else, every other dtype or device, and CPUs with bf16 instructions (AVX512-BF16,
+  AMX), where torch's oneDNN bf16 kernels are the fast path: ``F.linear``. (This project's
+  machines have no such CPU, so that case is not measured: the rules stay out of its way.)
 
 The rule is static (shapes and dtype only, no per-run calibration), so the same inputs always
 take the same kernel and give the same bits: the resident and offloaded paths, which both call
@@ -18,6 +20,8 @@ this, stay bit-identical.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +31,16 @@ FP32_MIN_TOKENS = 16  # rows of x from which float32 GEMM beats bf16 GEMM
 FP32_BLOCK_BYTES = 8 * 2**20  # float32 weight copy made at a time
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (torch's own probes; False if it lacks them)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def _bf16_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+    return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and not native_bf16())
 
 
 def uses_mv(x: torch.Tensor, weight: torch.Tensor) -> bool:
