@@ -4,8 +4,8 @@ decode-only figures, the summary and JSON outputs, bad options. No timing is ass
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from checkpoint_factory import TinySpec, make_hf_checkpoint
 import offload_rt
 from offload_rt.bench import bench_prompt, run_bench
 from offload_rt.cli import main
+from offload_rt.engine import stats as stats_module
 from offload_rt.engine.stats import BusyClock, EngineStats
 from offload_rt.engine.step_clock import StepClock
 
@@ -25,17 +26,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("bench"), SPEC)
 
 
-def test_busy_clock_counts_overlapping_transfers_once() -> None:
+def test_busy_clock_counts_overlapping_transfers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(stats_module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     clock = BusyClock()
-    clock.enter()
-    time.sleep(0.02)
+    clock.enter()  # t=0
+    now[0] = 2.0
     clock.enter()  # a second transfer joins the first
+    now[0] = 3.0
     assert clock.leave() == 0.0  # the link stays busy
-    time.sleep(0.02)
-    busy = clock.leave()
-    assert 0.035 <= busy < 1.0 and clock.inflight == 0
+    now[0] = 5.0
+    assert clock.leave() == 5.0 and clock.inflight == 0  # one interval: 0 -> 5
+    now[0] = 9.0
     clock.enter()
-    assert clock.leave() < 0.01  # a new interval starts from its own enter
+    now[0] = 9.5
+    assert clock.leave() == 0.5  # a new interval starts from its own enter
 
 
 def test_step_clock_separates_decode_steps() -> None:
