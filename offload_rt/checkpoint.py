@@ -157,18 +157,25 @@ class Checkpoint:
         return ExpertLocation(infos)  # type: ignore[arg-type]
 
     def read_expert_into(self, layer: int, expert: int, out: torch.Tensor, *,
-                         drop_page_cache: bool = False) -> None:
+                         drop_page_cache: bool = False) -> int:
         """Fill ``out`` (1-D, ``config.expert_numel`` elements) with [w1 | w3 | w2] flattened.
 
         When the file dtype equals ``out``'s, bytes go straight from disk into ``out``; otherwise
-        each matrix is read once and converted.
+        each matrix is read once and converted. ``drop_page_cache``: past the page cache (see
+        ``read_into``). Returns how many matrices the disk wrote straight into ``out``.
         """
-        start = 0
-        for info in self.expert(layer, expert).matrices:
+        location = self.expert(layer, expert)
+        numel = sum(info.numel for info in location.matrices)
+        if out.numel() != numel:
+            raise ValueError(f"buffer holds {out.numel()} elements, expert L{layer}E{expert} "
+                             f"has {numel}")
+        start, in_place = 0, 0
+        for info in location.matrices:
             dst = out[start:start + info.numel]
             if info.dtype == out.dtype:
-                read_into(info, dst, drop_page_cache=drop_page_cache)
+                in_place += read_into(info, dst, drop_page_cache=drop_page_cache)
             else:
                 dst.copy_(read_tensor(info, drop_page_cache=drop_page_cache).view(-1))
             start += info.numel
+        return in_place
 

@@ -2,21 +2,21 @@
 
 We parse the header ourselves (8-byte little-endian length + JSON) instead of using
 ``safe_open`` because the offloading engine needs the exact byte range of every tensor: it reads
-one expert with ``preadv`` straight into a preallocated slot, optionally dropping the pages from
-the page cache afterwards so a CPU-only machine really stays within its memory budget.
+one expert straight into a preallocated slot, optionally past the page cache (``direct_io``) so
+a CPU-only machine really stays within its memory budget.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from offload_rt.direct_io import read_range
 from offload_rt.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -110,27 +110,20 @@ def writable_view(out: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
 
 
-def read_into(info: TensorInfo, out: torch.Tensor, *, drop_page_cache: bool = False) -> None:
+def read_into(info: TensorInfo, out: torch.Tensor, *, drop_page_cache: bool = False) -> bool:
     """Read ``info``'s bytes into ``out`` (a CPU tensor of exactly ``info.nbytes`` bytes).
 
-    ``drop_page_cache`` advises the kernel to forget the pages just read (POSIX_FADV_DONTNEED),
-    so reading experts from disk does not silently grow the machine's memory use.
+    ``drop_page_cache``: bypass the page cache (``direct_io``: ``O_DIRECT``, or a buffered read
+    whose pages are dropped), so reading experts does not silently grow the machine's memory
+    use. Returns whether the disk wrote straight into ``out`` (see ``direct_io.read_range``).
     """
     view = writable_view(out)
     if len(view) != info.nbytes:
         raise ValueError(f"target holds {len(view)} bytes, tensor '{info.name}' has {info.nbytes}")
-    fd = os.open(info.path, os.O_RDONLY)
     try:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.path}: unexpected end of file reading '{info.name}'")
-            done += n
-        if drop_page_cache and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+        return read_range(info.path, info.offset, view, out.data_ptr(), direct=drop_page_cache)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (tensor '{info.name}')") from exc
 
 
 def read_tensor(info: TensorInfo, *, drop_page_cache: bool = False) -> torch.Tensor:

@@ -13,8 +13,7 @@ import torch
 
 from cache_policies import ExpertKey
 from offload_rt.checkpoint import Checkpoint
-from offload_rt.direct_io import ALIGN, read_range
-from offload_rt.safetensors_file import writable_view
+from offload_rt.direct_io import ALIGN
 
 
 class ExpertReader:
@@ -44,17 +43,5 @@ class ExpertReader:
         return self.ckpt.expert(key.layer, key.expert).nbytes
 
     def __call__(self, key: ExpertKey, out: torch.Tensor) -> None:
-        location = self.ckpt.expert(key.layer, key.expert)
-        if any(m.dtype != out.dtype for m in location.matrices):
-            self.ckpt.read_expert_into(key.layer, key.expert, out,
-                                       drop_page_cache=self.direct)
-            return
-        view, address, pos = writable_view(out), out.data_ptr(), 0
-        if len(view) != location.nbytes:
-            raise ValueError(f"slot holds {len(view)} bytes, expert {key} has "
-                             f"{location.nbytes}")
-        for info in location.matrices:
-            if read_range(info.path, info.offset, view[pos: pos + info.nbytes], address + pos,
-                          direct=self.direct):
-                self.direct_matrices += 1
-            pos += info.nbytes
+        self.direct_matrices += self.ckpt.read_expert_into(key.layer, key.expert, out,
+                                                           drop_page_cache=self.direct)
