@@ -185,13 +185,8 @@ class OffloadedExperts:
         dst = self.device.slots.place(slot, 0)
         hslot = self._host_acquire(key, group)
         try:
-            with self._cond:
-                self._h2d_clock.enter()
-            try:
+            with self._busy(self._h2d_clock, "h2d_busy_s"):
                 self.h2d.copy(dst, self.host.slots[hslot], slot)
-            finally:
-                with self._cond:
-                    self.stats.h2d_busy_s += self._h2d_clock.leave()
         finally:
             with self._cond:
                 self.host.cache.unpin(key)
@@ -200,13 +195,19 @@ class OffloadedExperts:
 
     def _read(self, key: ExpertKey, out: torch.Tensor) -> None:
         """The reader, with the disk's busy time accounted (no lock held on entry)."""
-        with self._cond:
-            self._disk_clock.enter()
-        try:
+        with self._busy(self._disk_clock, "disk_busy_s"):
             self.reader(key, out)
+
+    @contextmanager
+    def _busy(self, clock: BusyClock, stat: str) -> Iterator[None]:
+        """A transfer on ``clock``'s link; its busy seconds go to ``stats.<stat>``."""
+        with self._cond:
+            clock.enter()
+        try:
+            yield
         finally:
             with self._cond:
-                self.stats.disk_busy_s += self._disk_clock.leave()
+                setattr(self.stats, stat, getattr(self.stats, stat) + clock.leave())
 
     def _phase(self, key: ExpertKey) -> int:
         """Where in its slot ``key`` should start so the reader's disk reads land aligned."""
