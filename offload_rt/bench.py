@@ -23,10 +23,18 @@ from typing import Any
 import torch
 
 from offload_rt.engine.step_clock import StepClock
+from offload_rt.errors import OptionError
 from offload_rt.runtime import Runtime
 
 Report = Callable[[int, dict[str, Any]], None]
 BUSY_BOUND = 0.7  # a link busy this share of the decode time or more is called the bottleneck
+
+
+def check_settings(prompt_tokens: int, new_tokens: int, repeats: int) -> None:
+    """``OptionError`` unless a bench can measure something (a decode step needs 2 tokens)."""
+    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
+        raise OptionError("bench needs --prompt-tokens >= 1, --new-tokens >= 2 and "
+                          "--repeats >= 1")
 
 
 def bench_prompt(vocab_size: int, tokens: int, seed: int) -> list[int]:
@@ -36,19 +44,16 @@ def bench_prompt(vocab_size: int, tokens: int, seed: int) -> list[int]:
     return torch.randint(low, vocab_size, (tokens,), generator=gen).tolist()
 
 
-def _one_run(rt: Runtime, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    """One generation; engine figures over its decode steps (one token each) only."""
-    clock = StepClock(rt.stats)
-    with clock.attached(rt.model):
-        out = rt.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
-    d = clock.decode_totals()
-    n, t = int(d.get("steps", 0)), d.get("t", 0.0)
-    needed = d.get("hits", 0) + d.get("misses", 0)
-    busiest = max(d.get("disk_busy_s", 0.0), d.get("h2d_busy_s", 0.0))
-    offloaded = rt.offloaded and n > 0
+ENGINE_FIGURES = ("hit_rate", "loads_per_token", "bytes_per_token", "disk_bytes_per_token",
+                  "stall_fraction", "disk_busy_fraction", "h2d_busy_fraction",
+                  "disk_GBps_while_busy", "h2d_GBps_while_busy", "link_limit_tokens_per_s")
 
-    def per_token(key: str) -> float:
-        return d[key] / n
+
+def _engine_figures(d: dict[str, float]) -> dict[str, float | None]:
+    """The expert engine over ``d``, the decode steps' summed counters (``StepClock``)."""
+    n, t = d["steps"], d["t"]
+    needed = d["hits"] + d["misses"]
+    busiest = max(d["disk_busy_s"], d["h2d_busy_s"])
 
     def fraction(key: str) -> float:  # a busy interval may have begun between two steps
         return min(1.0, d[key] / t) if t else 0.0
@@ -57,23 +62,32 @@ def _one_run(rt: Runtime, prompt: list[int], new_tokens: int) -> dict[str, Any]:
         return d[nbytes] / d[busy] / 1e9 if d[busy] else None
 
     return {
-        "decode_tokens_per_s": out.stats["decode_tokens_per_s"],
-        "time_to_first_token_s": out.stats["time_to_first_token_s"],
-        "decode_steps": n,
-        "hit_rate": d["hits"] / needed if offloaded and needed else None,
-        "loads_per_token": (d["misses"] + d["prefetch_issued"]) / n if offloaded else None,
-        "bytes_per_token": (d["bytes_from_disk"] + d["bytes_host_to_device"]) / n
-        if offloaded else None,
-        "disk_bytes_per_token": per_token("bytes_from_disk") if offloaded else None,
-        "stall_fraction": fraction("stall_s") if offloaded else None,
-        "disk_busy_fraction": fraction("disk_busy_s") if offloaded else None,
-        "h2d_busy_fraction": fraction("h2d_busy_s") if offloaded else None,
-        "disk_GBps_while_busy": rate("bytes_from_disk", "disk_busy_s") if offloaded else None,
-        "h2d_GBps_while_busy": rate("bytes_host_to_device", "h2d_busy_s") if offloaded else None,
+        "hit_rate": d["hits"] / needed if needed else None,
+        "loads_per_token": (d["misses"] + d["prefetch_issued"]) / n,
+        "bytes_per_token": (d["bytes_from_disk"] + d["bytes_host_to_device"]) / n,
+        "disk_bytes_per_token": d["bytes_from_disk"] / n,
+        "stall_fraction": fraction("stall_s"),
+        "disk_busy_fraction": fraction("disk_busy_s"),
+        "h2d_busy_fraction": fraction("h2d_busy_s"),
+        "disk_GBps_while_busy": rate("bytes_from_disk", "disk_busy_s"),
+        "h2d_GBps_while_busy": rate("bytes_host_to_device", "h2d_busy_s"),
         # decode tokens/s if the busiest link were busy all the time at the rate it ran at
-        "link_limit_tokens_per_s": n / busiest if offloaded and busiest else None,
-        "token_ids": out.token_ids,
+        "link_limit_tokens_per_s": n / busiest if busiest else None,
     }
+
+
+def _one_run(rt: Runtime, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """One generation; engine figures over its decode steps (one token each) only."""
+    clock = StepClock(rt.stats)
+    with clock.attached(rt.model):
+        out = rt.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    d = clock.decode_totals()
+    steps = int(d.get("steps", 0))
+    engine = (_engine_figures(d) if rt.offloaded and steps
+              else dict.fromkeys(ENGINE_FIGURES))
+    return {"decode_tokens_per_s": out.stats["decode_tokens_per_s"],
+            "time_to_first_token_s": out.stats["time_to_first_token_s"],
+            "decode_steps": steps, **engine, "token_ids": out.token_ids}
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -84,8 +98,7 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
 def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
               seed: int = 0, report: Report | None = None) -> dict[str, Any]:
     """Generate ``repeats`` times; per-run figures and their medians (see module docstring)."""
-    if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
-        raise ValueError("bench needs prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1")
+    check_settings(prompt_tokens, new_tokens, repeats)
     prompt = bench_prompt(rt.config.vocab_size, prompt_tokens, seed)
     runs = []
     for i in range(repeats):

@@ -43,12 +43,9 @@ def add_bench_parser(subparsers: Any,
 
 def run_bench_command(args: argparse.Namespace) -> int:
     import offload_rt
-    from offload_rt.bench import run_bench
-    from offload_rt.errors import OptionError
+    from offload_rt.bench import check_settings, run_bench
 
-    if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
-        raise OptionError("bench needs --prompt-tokens >= 1, --new-tokens >= 2 and "
-                          "--repeats >= 1")
+    check_settings(args.prompt_tokens, args.new_tokens, args.repeats)  # before loading
     with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
                          **runtime_options(args)) as rt:
         def report(i: int, run: dict[str, Any]) -> None:
