@@ -85,17 +85,19 @@ def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_threa
 
     from cache_policies import ExpertKey
     from offload_rt.engine.expert_reader import ExpertReader
+    from offload_rt.engine.placement import ExpertPlacement
     from offload_rt.engine.slots import SlotPool
 
     cfg = ckpt.config
     keys = _spread(cfg.num_layers, cfg.num_experts, threads * per_thread)
     slots = SlotPool(threads, cfg.expert_numel, ckpt.dtype, torch.device("cpu"))
     reader = ExpertReader(ckpt, direct=True)
+    placement = ExpertPlacement(ckpt, ckpt.dtype, torch.device("cpu"))
 
     def work(i: int) -> None:
         for layer, expert in keys[i::threads]:
             key = ExpertKey(layer, expert)
-            reader(key, slots.place(i, reader.phase(key)))
+            reader(key, slots.place(i, placement.read_phase(key)))
 
     drop_page_cache(files)
     start = time.perf_counter()
@@ -109,6 +111,7 @@ def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50) -> di
     from cache_policies import ExpertKey
     from offload_rt.checkpoint import Checkpoint
     from offload_rt.engine.expert_reader import ExpertReader
+    from offload_rt.engine.placement import ExpertPlacement
     from offload_rt.engine.slots import SlotPool
     from offload_rt.model.experts import expert_ffn
 
@@ -117,14 +120,15 @@ def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50) -> di
     dtype = ckpt.dtype
     slots = SlotPool(1, cfg.expert_numel, dtype, torch.device("cpu"))  # as the engine reads
     cold_reader, warm_reader = ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False)
+    placement = ExpertPlacement(ckpt, dtype, torch.device("cpu"))
     cold, warm = [], []
     for layer, expert in _spread(cfg.num_layers, cfg.num_experts, samples):
         key = ExpertKey(layer, expert)
         drop_page_cache(files)
         start = time.perf_counter()
-        cold_reader(key, slots.place(0, cold_reader.phase(key)))
+        cold_reader(key, slots.place(0, placement.read_phase(key)))
         cold.append(time.perf_counter() - start)
-        out = slots.place(0, warm_reader.phase(key))
+        out = slots.place(0, placement.read_phase(key))
         warm_reader(key, out)  # now in the page cache
         start = time.perf_counter()
         warm_reader(key, out)

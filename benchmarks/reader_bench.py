@@ -54,15 +54,14 @@ def _use(mode: str) -> None:
     from offload_rt.engine.expert_reader import ExpertReader
 
     if not hasattr(ExpertReader, "_bench_original"):
-        ExpertReader._bench_original = (ExpertReader.__call__, ExpertReader.phase)  # type: ignore[attr-defined]
-    call, phase = ExpertReader._bench_original  # type: ignore[attr-defined]
+        ExpertReader._bench_original = ExpertReader.__call__  # type: ignore[attr-defined]
+    call = ExpertReader._bench_original  # type: ignore[attr-defined]
 
     def readahead_call(self: ExpertReader, key: object, out: object) -> None:
         _read_with_readahead(self.ckpt, key, out)
 
     dio._HAS_DIRECT = mode == "o_direct"
     ExpertReader.__call__ = readahead_call if mode == "buffered_readahead" else call  # type: ignore[method-assign]
-    ExpertReader.phase = (lambda self, key: 0) if mode == "buffered_readahead" else phase  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
         "same_tokens_every_run": all(r["token_ids"] == runs[0]["token_ids"] for r in runs),
+        "token_ids": runs[0]["token_ids"],  # the first run's (compare builds or flags)
         "median": medians, "bound_by": bound,
         "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
     }

@@ -18,12 +18,13 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine.assemble import build_offloaded
 from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
 from offload_rt.engine.offloaded import OffloadedExperts
+from offload_rt.engine.resident import load_resident
 from offload_rt.engine.sizes import format_size, parse_size
 from offload_rt.engine.stats import EngineStats
 from offload_rt.errors import BusyError, OptionError
 from offload_rt.generation import GenerationConfig, GenerationResult, stream_text
-from offload_rt.model.build import Progress, build_trunk, read_expert
-from offload_rt.model.experts import ExpertProvider, ResidentExperts
+from offload_rt.model.build import Progress, build_trunk
+from offload_rt.model.experts import ExpertProvider
 from offload_rt.model.transformer import Transformer
 from offload_rt.options import RuntimeOptions
 from offload_rt.sampling import SamplingConfig
@@ -111,7 +112,7 @@ class Runtime:
         if not self.offloaded:
             log.info("all %d experts resident (%s each)", cfg.num_layers * cfg.num_experts,
                      format_size(self.plan.footprint.expert))
-            return ResidentExperts(self._read_all_experts(progress), cfg.num_experts)
+            return load_resident(self.checkpoint, self.dtype, self.device, progress)
         log.info("offloading: %d device slots (%s each), %d host slots, policy %s, prefetch %d",
                  self.plan.device_slots, format_size(self.plan.footprint.expert),
                  self.plan.host_slots, o.policy, o.prefetch)
@@ -119,16 +120,6 @@ class Runtime:
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
                                drop_page_cache=o.drop_page_cache)
-
-    def _read_all_experts(self, progress: Progress | None) -> dict[tuple[int, int], torch.Tensor]:
-        cfg = self.config
-        keys = [(i, e) for i in range(cfg.num_layers) for e in range(cfg.num_experts)]
-        buffers = {}
-        for n, (i, e) in enumerate(keys):
-            buffers[(i, e)] = read_expert(self.checkpoint, i, e, self.dtype).to(self.device)
-            if progress is not None:
-                progress(n + 1, len(keys))
-        return buffers
 
     # ---- generation -------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, *,

@@ -105,3 +105,25 @@ def test_reader_bench_runs_every_read_mode(tiny_bench: tuple[dict, dict]) -> Non
     assert set(doc["runs"]) == {"o_direct", "buffered_drop", "buffered_readahead"}
     assert all(len(v) == 1 and v[0] > 0 for v in doc["runs"].values())
     assert doc["ratio_to_buffered_readahead"]["buffered_readahead"] == 1.0
+
+
+def test_alignment_probe_reports_every_case() -> None:
+    doc = _run(str(BENCH / "alignment_probe.py"), "--hidden", "24", "--intermediate", "40")
+    assert doc["benchmark"] == "alignment_probe" and doc["cpu"]["torch"]
+    assert {(r["dtype"], r["rows"]) for r in doc["results"]} == {
+        (d, n) for d in ("float32", "bfloat16", "float16") for n in (1, 2, 16, 64)}
+    # the placement rule's assumption, on this CPU: same phase in another page, same bits
+    assert all(r["differs_across_pages"] == [] for r in doc["results"]), doc["results"]
+
+
+def test_ab_bench_compares_two_trees(tiny_bench: tuple[dict, dict]) -> None:
+    tree = str(BENCH.parent)
+    doc = _run(str(BENCH / "ab_bench.py"), tiny_bench[1]["model_dir"], "--before", tree,
+               "--after", tree, "--rounds", "1", "--repeats", "1", "--prompt-tokens", "4",
+               "--new-tokens", "3", "--mode", "resident=--no-offload",
+               "--mode", "cold=--cache-experts,2")
+    assert set(doc["modes"]) == {"resident", "cold"}
+    for mode in doc["modes"].values():
+        assert mode["same_tokens"] is True
+        assert mode["decode_after_over_before"] > 0 and mode["ttft_after_over_before"] > 0
+        assert set(mode["runs"]) == {"before", "after"}

@@ -22,6 +22,7 @@ from cache_policies import ExpertKey
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.direct_io import ALIGN, read_range
 from offload_rt.engine.expert_reader import ExpertReader
+from offload_rt.engine.placement import ExpertPlacement
 from offload_rt.engine.slots import SlotPool, slot_bytes
 from offload_rt.errors import CheckpointError
 
@@ -192,6 +193,7 @@ def test_expert_reader_matches_the_checkpoint(tmp_path: Path, name: str,
     ckpt = Checkpoint.open(model_dir)
     cfg = ckpt.config
     direct, buffered = ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False)
+    placement = ExpertPlacement(ckpt, torch.bfloat16, torch.device("cpu"))
     pool = SlotPool(3, cfg.expert_numel, torch.bfloat16, torch.device("cpu"))
     wide = SlotPool(1, cfg.expert_numel, torch.float32, torch.device("cpu"))
     for layer in range(cfg.num_layers):
@@ -200,11 +202,11 @@ def test_expert_reader_matches_the_checkpoint(tmp_path: Path, name: str,
             want = torch.empty(cfg.expert_numel, dtype=torch.bfloat16)
             ckpt.read_expert_into(layer, e, want)
             first = ckpt.expert(layer, e).matrices[0]
-            assert direct.phase(key) == first.offset % ALIGN
-            assert buffered.phase(key) == 0
-            direct(key, pool.place(0, direct.phase(key)))  # placed: zero copy where it can
-            direct(key, pool.place(1, (direct.phase(key) + 2) % ALIGN))  # misplaced: bounced
-            buffered(key, pool.place(2, 0))
+            phase = placement.read_phase(key)
+            assert phase == first.offset % ALIGN
+            direct(key, pool.place(0, phase))  # placed: zero copy where it can
+            direct(key, pool.place(1, (phase + 2) % ALIGN))  # misplaced: bounced
+            buffered(key, pool.place(2, phase))
             for slot in range(3):
                 assert torch.equal(pool[slot], want), (key, slot)
             direct(key, wide.place(0, 0))  # file bf16 -> compute fp32: read and converted

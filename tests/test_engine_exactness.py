@@ -29,6 +29,7 @@ from cache_policies import ExpertKey, LRUPolicy, make_policy, simulate
 from offload_rt.engine.assemble import disk_reader
 from offload_rt.engine.expert_cache import ExpertCache
 from offload_rt.engine.offloaded import OffloadedExperts, Tier
+from offload_rt.engine.placement import ExpertPlacement
 from offload_rt.engine.prefetch import NextLayerPredictor
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.transfer import HostToDevice
@@ -46,9 +47,10 @@ OTHER_POLICIES = ("lfu", "lrfu", "router", "static")
 SPECS = {
     "e4k2": TinySpec(num_experts=4, top_k=2, num_layers=2, seed=11),
     "e8k2l3": TinySpec(num_experts=8, top_k=2, num_layers=3, seed=12),
-    # Odd sizes: one packed expert is 3*27*37*4 = 11988 bytes, so consecutive slot rows start at
-    # every 4-byte alignment. Resident buffers are fresh (64-byte aligned) allocations: if the
-    # matmul kernels' result depended on the weights' alignment, this checkpoint would show it.
+    # Odd sizes: one packed expert is 3*27*37*4 = 11988 bytes, so the experts' file offsets (and
+    # with them their slots' phases) take every 4-byte alignment. The resident model must place
+    # them alike: MKL's one-row float32 kernel rounds differently off 16-byte alignment on
+    # AVX-512 EPYCs, where this checkpoint failed while resident experts were fresh tensors.
     "e4k1odd": TinySpec(num_experts=4, top_k=1, num_layers=2, hidden_size=27, head_dim=8,
                         intermediate_size=37, seed=13),
 }
@@ -329,6 +331,7 @@ def _two_tier(rt: offload_rt.Runtime, slots_per_pool: int, pools: int, host_slot
                                    [b.router for b in rt.model.layers], cfg.top_k)
     return OffloadedExperts(Tier(dev, SlotPool(dev.num_slots, numel, torch.float32, cpu)),
                             disk_reader(rt.checkpoint, drop_page_cache=True), numel * item,
+                            placement=ExpertPlacement(rt.checkpoint, torch.float32, cpu),
                             host=Tier(host, SlotPool(host_slots, numel, torch.float32, cpu)),
                             h2d=HostToDevice(), predictor=predictor, prefetch_depth=depth,
                             per_layer=pools > 1)

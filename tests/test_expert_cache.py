@@ -15,6 +15,7 @@ from cache_policies import ExpertKey, LFUPolicy, LRUPolicy, make_policy
 from cache_policies.base import CachePolicy
 from offload_rt.engine.expert_cache import LOADING, RESIDENT, ExpertCache
 from offload_rt.engine.offloaded import OffloadedExperts, Tier
+from offload_rt.engine.placement import AlignedPlacement
 from offload_rt.engine.slots import SlotPool
 
 K = ExpertKey
@@ -218,7 +219,8 @@ def fake_engine(slots_per_pool: int, pools: int = 1,
 
     cache = ExpertCache("device", slots_per_pool, pools, factory)
     slots = SlotPool(cache.num_slots, NUMEL, torch.float32, torch.device("cpu"))
-    return OffloadedExperts(Tier(cache, slots), reader, NUMEL * 4), reads
+    return OffloadedExperts(Tier(cache, slots), reader, NUMEL * 4,
+                            placement=AlignedPlacement()), reads
 
 
 def acquire(engine: OffloadedExperts, layer: int, experts: list[int]) -> None:

@@ -12,6 +12,7 @@ from offload_rt.engine.budget import MemoryPlan
 from offload_rt.engine.expert_cache import ExpertCache
 from offload_rt.engine.expert_reader import ExpertReader
 from offload_rt.engine.offloaded import OffloadedExperts, Reader, Tier
+from offload_rt.engine.placement import ExpertPlacement
 from offload_rt.engine.prefetch import NextLayerPredictor
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.transfer import CudaHostToDevice, HostToDevice
@@ -42,6 +43,7 @@ def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,
     predictor = NextLayerPredictor([b.ffn_norm for b in trunk.layers],
                                    [b.router for b in trunk.layers], cfg.top_k)
     return OffloadedExperts(device_tier, reader or disk_reader(ckpt, drop_page_cache),
-                            plan.footprint.expert, host=host_tier, h2d=h2d,
+                            plan.footprint.expert, placement=ExpertPlacement(ckpt, dtype, device),
+                            host=host_tier, h2d=h2d,
                             predictor=predictor, prefetch_depth=prefetch_depth,
                             per_layer=plan.num_pools > 1)

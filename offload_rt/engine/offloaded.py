@@ -17,6 +17,7 @@ import torch
 
 from cache_policies import ExpertKey
 from offload_rt.engine.expert_cache import LOADING, RESIDENT, ExpertCache
+from offload_rt.engine.placement import Placement
 from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.stats import BusyClock, EngineStats
@@ -38,10 +39,11 @@ class OffloadedExperts:
     """Expert weights cached on the device tier, fed from an optional host tier and the disk."""
 
     def __init__(self, device: Tier, reader: Reader, expert_nbytes: int, *,
-                 host: Tier | None = None, h2d: HostToDevice | None = None,
-                 predictor: NextLayerPredictor | None = None, prefetch_depth: int = 0,
-                 per_layer: bool = True) -> None:
+                 placement: Placement, host: Tier | None = None,
+                 h2d: HostToDevice | None = None, predictor: NextLayerPredictor | None = None,
+                 prefetch_depth: int = 0, per_layer: bool = True) -> None:
         self.device, self.host, self.reader = device, host, reader
+        self.placement = placement  # where each expert sits in its slots (bit-exactness)
         self.h2d = h2d or HostToDevice()
         self.expert_nbytes = expert_nbytes
         self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
@@ -176,13 +178,12 @@ class OffloadedExperts:
 
     def _fill(self, key: ExpertKey, slot: int, group: Iterable[ExpertKey]) -> None:
         """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
-        if self.host is None:
-            dst = self.device.slots.place(slot, self._phase(key))
+        dst = self.device.slots.place(slot, self.placement.compute_phase(key))
+        if self.host is None:  # the device tier is RAM the disk fills (compute = read phase)
             self._read(key, dst)
             with self._cond:
                 self.stats.bytes_from_disk += self._disk_nbytes(key)
             return
-        dst = self.device.slots.place(slot, 0)
         hslot = self._host_acquire(key, group)
         try:
             with self._busy(self._h2d_clock, "h2d_busy_s"):
@@ -208,11 +209,6 @@ class OffloadedExperts:
         finally:
             with self._cond:
                 setattr(self.stats, stat, getattr(self.stats, stat) + clock.leave())
-
-    def _phase(self, key: ExpertKey) -> int:
-        """Where in its slot ``key`` should start so the reader's disk reads land aligned."""
-        phase = getattr(self.reader, "phase", None)
-        return phase(key) if phase is not None else 0
 
     def _disk_nbytes(self, key: ExpertKey) -> int:
         """Bytes a read of ``key`` takes from disk (file dtype; the slot may hold another)."""
@@ -247,7 +243,7 @@ class OffloadedExperts:
                 cache.pin(key)
                 break
         try:
-            self._read(key, self.host.slots.place(hslot, self._phase(key)))
+            self._read(key, self.host.slots.place(hslot, self.placement.read_phase(key)))
         except BaseException:
             with self._cond:
                 cache.unpin(key)

@@ -41,9 +41,3 @@ def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
-
-def read_expert(ckpt: Checkpoint, layer: int, expert: int, dtype: torch.dtype) -> torch.Tensor:
-    """One expert as a fresh packed buffer [w1 | w3 | w2] in ``dtype``."""
-    out = torch.empty(ckpt.config.expert_numel, dtype=dtype)
-    ckpt.read_expert_into(layer, expert, out)
-    return out
