@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aux-coef", type=float, default=0.02)
     ap.add_argument("--aux-per-layer", action="store_true",
                     help="balance experts within each layer (mean of per-layer aux losses) "
-                         "instead of HF's pooled aux loss; the shipped run did not use it")
+                         "instead of HF's pooled aux loss (the shipped run uses it)")
     ap.add_argument("--eval-reserve", type=float, default=2.0,
                     help="minutes of the budget kept for the final evaluation and saving")
     ap.add_argument("--threads", type=int, default=2,
