@@ -1,4 +1,7 @@
-"""Reading a file's byte range with ``O_DIRECT``: the disk DMAs straight into our buffer.
+"""Reading a weight file's byte ranges with ``O_DIRECT``: the disk DMAs straight into our buffer.
+
+Reads go through a ``WeightFile`` (opened once, at validation), so they get the bytes that
+were validated and stop with a ``CheckpointError`` naming the file if it changed in place.
 
 A buffered read copies every byte twice on the CPU (disk -> page cache -> buffer) and fills
 the page cache, which then has to be dropped again. With ``O_DIRECT`` the kernel asks the
@@ -29,6 +32,7 @@ import threading
 from pathlib import Path
 
 from offload_rt.errors import CheckpointError
+from offload_rt.weight_file import WeightFile
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +73,6 @@ def _drop(fd: int, offset: int, length: int) -> None:
                          os.POSIX_FADV_DONTNEED)
 
 
-def _read_buffered(path: Path, offset: int, view: memoryview, drop: bool) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if drop and hasattr(os, "posix_fadvise"):  # no readahead past the range
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        _pread_fully(fd, view, offset, path)
-        if drop:
-            _drop(fd, offset, len(view))
-    finally:
-        os.close(fd)
-
-
 def _read_bounced(fd: int, path: Path, offset: int, view: memoryview) -> None:
     """``view`` through an aligned bounce buffer (``fd`` is ``O_DIRECT``), one chunk at a
     time: the aligned blocks covering each chunk are read, then the chunk is copied out."""
@@ -103,47 +95,62 @@ def _read_bounced(fd: int, path: Path, offset: int, view: memoryview) -> None:
             pos += take
 
 
-def read_range(path: Path, offset: int, view: memoryview, address: int, *,
-               direct: bool) -> bool:
-    """Fill ``view`` (``address`` = its first byte's address) with ``path[offset:]``.
+def _read_direct(fd: int, path: Path, offset: int, view: memoryview, address: int) -> bool:
+    """The body straight into ``view`` when ``address`` has the offset's phase, the unaligned
+    head and tail (or everything, when it has not) through the bounce buffer."""
+    end = offset + len(view)
+    body_start = -(-offset // ALIGN) * ALIGN
+    body_end = max(body_start, end // ALIGN * ALIGN)
+    if (address - offset) % ALIGN or body_end <= body_start:
+        _read_bounced(fd, path, offset, view)
+        return False
+    _pread_fully(fd, view[body_start - offset: body_end - offset], body_start, path)
+    if body_start > offset:
+        _read_bounced(fd, path, offset, view[: body_start - offset])
+    if end > body_end:
+        _read_bounced(fd, path, body_end, view[body_end - offset:])
+    return True
 
+
+def _read(file: WeightFile, offset: int, view: memoryview, address: int, direct: bool) -> bool:
+    path = file.path
+    if direct and direct_supported(path):
+        try:
+            return _read_direct(file.descriptor(direct=True), path, offset, view, address)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _refuse(path, exc)  # the open or the first read said no: buffered from now on
+    fd = file.descriptor(cached=not direct)
+    _pread_fully(fd, view, offset, path)
+    if direct:
+        _drop(fd, offset, len(view))
+    return False
+
+
+def read_range(file: WeightFile | Path, offset: int, view: memoryview, address: int, *,
+               direct: bool) -> bool:
+    """Fill ``view`` (``address`` = its first byte's address) with ``file[offset:]``.
+
+    ``file``: a ``WeightFile`` opened at validation (a bare path is opened for this one read).
     ``direct``: bypass the page cache with ``O_DIRECT`` (where the file system refuses it: a
     buffered read whose pages are dropped); the disk writes straight into ``view`` when
     ``address`` and ``offset`` are congruent modulo ``ALIGN``, else through a bounce buffer.
     Without ``direct`` the page cache is used and kept. Returns whether the bytes went straight
-    into ``view`` (zero copy). Errors name the file.
+    into ``view`` (zero copy). Errors name the file; a file changed since it was opened is a
+    ``CheckpointError`` saying so.
     """
-    end = offset + len(view)
-    if not direct or not direct_supported(path):
+    if isinstance(file, Path):
+        with WeightFile(file) as opened:
+            return read_range(opened, offset, view, address, direct=direct)
+    with file.reading():
         try:
-            _read_buffered(path, offset, view, drop=direct)
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read bytes {offset}-{end}: {exc}") from exc
-        return False
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise CheckpointError(f"{path}: cannot open: {exc}") from exc
-        _refuse(path, exc)
-        return read_range(path, offset, view, address, direct=direct)
-    body_start = -(-offset // ALIGN) * ALIGN
-    body_end = max(body_start, end // ALIGN * ALIGN)
-    zero_copy = (address - offset) % ALIGN == 0 and body_end > body_start
-    try:
-        if not zero_copy:
-            _read_bounced(fd, path, offset, view)
-        else:
-            _pread_fully(fd, view[body_start - offset: body_end - offset], body_start, path)
-            if body_start > offset:
-                _read_bounced(fd, path, offset, view[: body_start - offset])
-            if end > body_end:
-                _read_bounced(fd, path, body_end, view[body_end - offset:])
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise CheckpointError(f"{path}: cannot read bytes {offset}-{end}: {exc}") from exc
-        _refuse(path, exc)
-        return read_range(path, offset, view, address, direct=direct)
-    finally:
-        os.close(fd)
+            zero_copy = _read(file, offset, view, address, direct)
+        except (OSError, CheckpointError) as exc:
+            file.check_unchanged()  # a changed file explains a short or failed read
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{file.path}: cannot read bytes {offset}-"
+                                  f"{offset + len(view)}: {exc}") from exc
+        file.check_unchanged()  # after the read: a change before or during it is caught
     return zero_copy

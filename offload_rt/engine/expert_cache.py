@@ -3,16 +3,24 @@
 The cache owns capacity and slots; the policy (``cache_policies``) only picks victims among the
 candidates the cache offers: resident, not pinned, not loading, not protected. It moves no bytes;
 callers hold the engine's lock around every method.
+
+The policy is user code. Every call into it goes through ``_call``: an exception comes back as
+a ``PolicyError`` naming the policy class and the hook, and each transition is ordered so that
+a raise leaves the cache consistent: ``on_insert`` runs before a slot is claimed, ``on_evict``
+after the slot was given back, ``on_access`` before a pin is taken (by the engine).
 """
 
 from __future__ import annotations
 
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cache_policies import ExpertKey
 from cache_policies.base import CachePolicy
+from offload_rt.errors import OffloadError, PolicyError
 
 RESIDENT, LOADING = "resident", "loading"
 
@@ -29,6 +37,20 @@ class _Pool:
         self.free = list(range(self.first_slot + self.capacity - 1, self.first_slot - 1, -1))
 
 
+def describe(exc: BaseException) -> str:
+    """``exc`` for a message: our own errors by their text, others as ``Type: text`` (never
+    empty: ``KeyboardInterrupt()`` has no text)."""
+    text = str(exc)
+    if text and isinstance(exc, OffloadError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def policy_name(policy: CachePolicy) -> str:
+    cls = type(policy)
+    return f"{getattr(cls, 'name', '?')!r} ({cls.__module__}.{cls.__qualname__})"
+
+
 class ExpertCache:
     """Slots of one tier, split into one pool per layer or a single global pool."""
 
@@ -37,11 +59,22 @@ class ExpertCache:
                  on_evict: Callable[[ExpertKey], None] | None = None) -> None:
         self.name = name
         self._on_evict = on_evict
-        self.pools = [_Pool(slots_per_pool, i * slots_per_pool, policy_factory())
+        self.pools = [_Pool(slots_per_pool, i * slots_per_pool, self._build(policy_factory))
                       for i in range(num_pools)]
         self.state: dict[ExpertKey, str] = {}
         self.pins: Counter[ExpertKey] = Counter()
         self.now = 0  # the policies' logical clock: one tick per demand access
+
+    def _build(self, policy_factory: Callable[[], CachePolicy]) -> CachePolicy:
+        """A policy instance; its constructor is user code too (``PolicyError`` naming it)."""
+        try:
+            return policy_factory()
+        except Exception as exc:
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = next((f"{f.name} ({f.filename}:{f.lineno})" for f in reversed(frames)
+                          if f.name == "__init__"), "its constructor")
+            raise PolicyError(f"the cache policy of the {self.name} tier could not be built: "
+                              f"{where} raised {describe(exc)}") from exc
 
     @property
     def num_slots(self) -> int:
@@ -58,37 +91,53 @@ class ExpertCache:
         self.now += 1
         return self.now
 
+    def _call(self, pool: _Pool, hook: str, *args: Any) -> Any:
+        """``pool.policy.<hook>(*args)``; an exception becomes a ``PolicyError`` (chained)."""
+        try:
+            return getattr(pool.policy, hook)(*args)
+        except Exception as exc:
+            shown = ", ".join(str(a) for a in args if not isinstance(a, (list, dict)))
+            raise PolicyError(f"cache policy {policy_name(pool.policy)} raised in {hook}"
+                              f"({shown}) on the {self.name} tier: {describe(exc)}") from exc
+
     def touch(self, key: ExpertKey) -> None:
         """A demand access of a resident key (a hit, or right after its miss was loaded)."""
-        self.pool(key).policy.on_access(key, self.now)
+        self._call(self.pool(key), "on_access", key, self.now)
 
     def reserve(self, key: ExpertKey, protected: Iterable[ExpertKey] = ()) -> int | None:
-        """Claim a slot for loading ``key``; evict if the pool is full. None if nothing can go."""
+        """Claim a slot for loading ``key``; evict if the pool is full. None if nothing can go.
+        ``PolicyError``: the policy raised or chose a non-candidate; nothing was claimed."""
         pool = self.pool(key)
         if not pool.free:
             keep = set(protected)
-            candidates = [k for k in pool.slots if self.state[k] == RESIDENT
-                          and not self.pins[k] and k not in keep]
+            candidates = sorted(k for k in pool.slots if self.state[k] == RESIDENT
+                                and not self.pins[k] and k not in keep)
             if not candidates:
                 return None
-            victim = pool.policy.choose_victim(sorted(candidates), self.now)
+            victim = self._call(pool, "choose_victim", candidates, self.now)
             if victim not in candidates:
-                raise RuntimeError(f"policy {pool.policy.name!r} chose {victim}, "
-                                   "not an evictable candidate")
+                shown = ", ".join(map(str, candidates[:8]))
+                raise PolicyError(f"cache policy {policy_name(pool.policy)} chose {victim} in "
+                                  f"choose_victim on the {self.name} tier, not one of the "
+                                  f"{len(candidates)} evictable candidates ({shown})")
             self.evict(victim)
+        self._call(pool, "on_insert", key, self.now)  # first: a raise claims nothing
         slot = pool.free.pop()
         pool.slots[key] = slot
         self.state[key] = LOADING
-        pool.policy.on_insert(key, self.now)
         return slot
 
     def evict(self, key: ExpertKey) -> None:
+        """Give ``key``'s slot back, then tell the policy (a ``PolicyError`` from it leaves the
+        key evicted)."""
         pool = self.pool(key)
         pool.free.append(pool.slots.pop(key))
         del self.state[key]
-        pool.policy.on_evict(key)
-        if self._on_evict is not None:
-            self._on_evict(key)
+        try:
+            self._call(pool, "on_evict", key)
+        finally:
+            if self._on_evict is not None:
+                self._on_evict(key)
 
     def commit(self, key: ExpertKey) -> None:
         """A load into ``key``'s slot finished: the bytes are valid."""
@@ -110,7 +159,11 @@ class ExpertCache:
     def resident_keys(self) -> list[ExpertKey]:
         return [k for k, s in self.state.items() if s == RESIDENT]
 
+    def loading_keys(self, key: ExpertKey) -> list[ExpertKey]:
+        """Keys of ``key``'s pool whose load is in flight."""
+        return [k for k in self.pool(key).slots if self.state[k] == LOADING]
+
     def predict(self, scores: dict[ExpertKey, float]) -> None:
         """Forward router predictions to the policies (the 'router' policy uses them)."""
         for pool in self.pools:
-            pool.policy.on_predict(scores, self.now)
+            self._call(pool, "on_predict", scores, self.now)

@@ -4,58 +4,60 @@
 
 Demand loads run in the caller's thread (a stall, timed); predicted loads run on the prefetch
 thread. One condition variable guards every cache's bookkeeping; bytes move outside it.
+
+Faults (README "What happens when things go wrong"): every transition is undone on every
+exception path (a reserved slot is given back, a pin released); a failure on the prefetch
+thread is kept and raised in the caller at its next request, and the thread keeps working;
+a ``KeyboardInterrupt`` is never wrapped; a wait that nothing can end raises at once, and one
+whose load does not return raises after ``WAIT_TIMEOUT_S``, naming what it waited for.
 """
 
 from __future__ import annotations
 
-import threading
+import functools
+import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
 
 from cache_policies import ExpertKey
-from offload_rt.engine.expert_cache import LOADING, RESIDENT, ExpertCache
+from offload_rt.engine.expert_cache import LOADING, RESIDENT, describe
+from offload_rt.engine.mover import WAIT_S, WAIT_TIMEOUT_S, ExpertMover, Reader
 from offload_rt.engine.placement import Placement
 from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
-from offload_rt.engine.slots import SlotPool
-from offload_rt.engine.stats import BusyClock, EngineStats
+from offload_rt.engine.stats import EngineStats
+from offload_rt.engine.tier import Tier
 from offload_rt.engine.transfer import HostToDevice
-from offload_rt.errors import LoaderError
+from offload_rt.errors import LoaderError, PolicyError
 
-Reader = Callable[[ExpertKey, torch.Tensor], None]  # fills a packed buffer from disk
-WAIT_S = 0.05  # waits are sliced so a background failure surfaces quickly
-
-
-class Tier:
-    """A cache and its slot storage."""
-
-    def __init__(self, cache: ExpertCache, slots: SlotPool) -> None:
-        self.cache, self.slots = cache, slots
+log = logging.getLogger(__name__)
 
 
-class OffloadedExperts:
+def _count_evicted(stats: EngineStats, key: ExpertKey) -> None:
+    """A prefetched key left the cache unused: wasted. (A function of the stats alone, so the
+    cache holds no reference back to the engine.)"""
+    if key in stats.pending_prefetch:
+        stats.pending_prefetch.discard(key)
+        stats.prefetch_wasted += 1
+
+
+class OffloadedExperts(ExpertMover):
     """Expert weights cached on the device tier, fed from an optional host tier and the disk."""
 
     def __init__(self, device: Tier, reader: Reader, expert_nbytes: int, *,
                  placement: Placement, host: Tier | None = None,
                  h2d: HostToDevice | None = None, predictor: NextLayerPredictor | None = None,
                  prefetch_depth: int = 0, per_layer: bool = True) -> None:
-        self.device, self.host, self.reader = device, host, reader
-        self.placement = placement  # where each expert sits in its slots (bit-exactness)
-        self.h2d = h2d or HostToDevice()
-        self.expert_nbytes = expert_nbytes
+        super().__init__(device, reader, expert_nbytes, placement, host, h2d)
         self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
-        self.stats = EngineStats()
-        self._disk_clock, self._h2d_clock = BusyClock(), BusyClock()
-        self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
         self._protected: frozenset[ExpertKey] = frozenset()
         # (keys, scores) the latest on_route predicted, or None: what the prefetch acted on
         self.last_predictions: tuple[list[ExpertKey], dict[ExpertKey, float]] | None = None
-        device.cache._on_evict = self._evicted
+        device.cache._on_evict = functools.partial(_count_evicted, self.stats)
         self._worker = PrefetchWorker(self._cond, self._prefetch_one) \
             if predictor is not None and prefetch_depth > 0 else None
 
@@ -67,6 +69,7 @@ class OffloadedExperts:
         with self._cond:
             self._raise_pending()
             if layer == 0:
+                self.device.release_leaks()
                 self.stats.tokens += hidden.shape[0]
         # Prefill routes many tokens at once: only single-token decode steps predict ahead.
         self._hidden = hidden if hidden.shape[0] == 1 else None
@@ -108,15 +111,17 @@ class OffloadedExperts:
 
     # ---- demand path (caller's thread, lock held on entry and exit) ------------------------
     def _acquire_one(self, key: ExpertKey, group: Sequence[ExpertKey]) -> int:
+        """Pin ``key`` in the device tier, loading it on a miss; returns its slot. On any
+        exception nothing stays pinned or reserved for it."""
         cache = self.device.cache
         cache.tick()
-        counted = False
+        counted, since = False, time.perf_counter()
         while True:
             state = cache.state.get(key)
             if state == RESIDENT:
                 if not counted:
                     self._count(key, hit=True)
-                cache.touch(key)
+                cache.touch(key)  # before the pin: a policy error leaves nothing to undo
                 cache.pin(key)
                 if key in self.stats.pending_prefetch:
                     self.stats.pending_prefetch.discard(key)
@@ -126,19 +131,23 @@ class OffloadedExperts:
                 if not counted:
                     self._count(key, hit=True)
                     counted = True
-                self._wait()
+                self._await_load(self.device, key, since, demand=True)
                 continue
             # The group's other keys are needed now: evicting one only reloads it. They
             # fit (max_group), so a slot frees up once in-flight loads land.
             slot = cache.reserve(key, group)
             if slot is None:  # every free slot is pinned or still loading: wait for one
-                self._wait()
+                self._await_slot(self.device, key, since, demand=True)
                 continue
             if not counted:
                 self._count(key, hit=False)
             cache.pin(key)
-            self._load_unlocked(key, slot, demand=True, group=group)
-            cache.touch(key)
+            try:
+                self._load_unlocked(key, slot, demand=True, group=group)
+                cache.touch(key)
+            except BaseException:
+                cache.unpin(key)
+                raise
             return slot
 
     def _count(self, key: ExpertKey, hit: bool) -> None:
@@ -149,139 +158,69 @@ class OffloadedExperts:
             self.stats.misses += 1
             self.stats.layer_misses[key.layer] += 1
 
-    def _wait(self) -> None:
-        start = time.perf_counter()
-        self._cond.wait(WAIT_S)
-        self.stats.stall_s += time.perf_counter() - start
-        self._raise_pending()
-
     def _load_unlocked(self, key: ExpertKey, slot: int, demand: bool,
                        group: Iterable[ExpertKey]) -> None:
-        """Fill device ``slot`` with ``key`` (lock held on entry/exit, released meanwhile)."""
+        """Fill device ``slot`` with ``key`` (lock held on entry/exit, released meanwhile).
+        On failure the slot is given back; ``Exception``s come back as ``LoaderError`` naming
+        the expert (a ``PolicyError`` as itself), anything else (``KeyboardInterrupt``) as is."""
         start = time.perf_counter()
+        self.device.begin_load(key)
+        failure: BaseException | None = None
         self._cond.release()
         try:
-            self._fill(key, slot, group)
-        except BaseException as exc:
+            self._fill(key, slot, group, demand)
+        except BaseException as exc:  # noqa: BLE001 - undone and re-raised below
+            failure = exc
+        finally:
             self._cond.acquire()
-            self.device.cache.abort(key)
-            if demand:
-                self.device.cache.unpin(key)
-                self._cond.notify_all()
-                raise LoaderError(f"loading expert {key} failed: {exc}") from exc
-            raise
-        self._cond.acquire()
-        if demand:
-            self.stats.stall_s += time.perf_counter() - start
-        self.device.cache.commit(key)
+        self.device.end_load(key)
         self._cond.notify_all()
-
-    def _fill(self, key: ExpertKey, slot: int, group: Iterable[ExpertKey]) -> None:
-        """Move bytes (no lock held): disk -> device, or disk -> host -> device."""
-        dst = self.device.slots.place(slot, self.placement.compute_phase(key))
-        if self.host is None:  # the device tier is RAM the disk fills (compute = read phase)
-            self._read(key, dst)
-            with self._cond:
-                self.stats.bytes_from_disk += self._disk_nbytes(key)
+        if failure is None:
+            if demand:
+                self.stats.stall_s += time.perf_counter() - start
+            self.device.cache.commit(key)
             return
-        hslot = self._host_acquire(key, group)
-        try:
-            with self._busy(self._h2d_clock, "h2d_busy_s"):
-                self.h2d.copy(dst, self.host.slots[hslot], slot)
-        finally:
-            with self._cond:
-                self.host.cache.unpin(key)
-                self.stats.bytes_host_to_device += self.expert_nbytes
-                self._cond.notify_all()
-
-    def _read(self, key: ExpertKey, out: torch.Tensor) -> None:
-        """The reader, with the disk's busy time accounted (no lock held on entry)."""
-        with self._busy(self._disk_clock, "disk_busy_s"):
-            self.reader(key, out)
-
-    @contextmanager
-    def _busy(self, clock: BusyClock, stat: str) -> Iterator[None]:
-        """A transfer on ``clock``'s link; its busy seconds go to ``stats.<stat>``."""
-        with self._cond:
-            clock.enter()
-        try:
-            yield
-        finally:
-            with self._cond:
-                setattr(self.stats, stat, getattr(self.stats, stat) + clock.leave())
-
-    def _disk_nbytes(self, key: ExpertKey) -> int:
-        """Bytes a read of ``key`` takes from disk (file dtype; the slot may hold another)."""
-        nbytes = getattr(self.reader, "nbytes", None)
-        return nbytes(key) if nbytes is not None else self.expert_nbytes
-
-    def _host_acquire(self, key: ExpertKey, group: Iterable[ExpertKey]) -> int:
-        """Pin ``key`` in the host tier, reading it from disk on a host miss. The victim is
-        preferably not in ``group`` (what the current layer still needs: evicting it only
-        reads it again); when every unpinned host slot holds such a key, one of them goes."""
-        assert self.host is not None
-        cache = self.host.cache
-        with self._cond:
-            cache.tick()
-            while True:
-                state = cache.state.get(key)
-                if state == RESIDENT:
-                    self.stats.host_hits += 1
-                    cache.touch(key)
-                    cache.pin(key)
-                    return cache.slot(key)  # type: ignore[return-value]
-                if state == LOADING:
-                    self._cond.wait(WAIT_S)
-                    continue
-                hslot = cache.reserve(key, group)
-                if hslot is None:
-                    hslot = cache.reserve(key)
-                if hslot is None:
-                    self._cond.wait(WAIT_S)
-                    continue
-                self.stats.host_misses += 1
-                cache.pin(key)
-                break
-        try:
-            self._read(key, self.host.slots.place(hslot, self.placement.read_phase(key)))
-        except BaseException:
-            with self._cond:
-                cache.unpin(key)
-                cache.abort(key)
-            raise
-        with self._cond:
-            cache.commit(key)
-            cache.touch(key)
-            self.stats.bytes_from_disk += self._disk_nbytes(key)
-        return hslot
+        self.device.cache.abort(key)
+        if isinstance(failure, Exception) and not isinstance(failure, PolicyError):
+            raise LoaderError(f"loading expert {key} failed: {describe(failure)}") from failure
+        raise failure
 
     # ---- prefetch path (worker thread) ------------------------------------------------------
     def _prefetch_one(self, key: ExpertKey) -> None:
+        """Load ``key`` if there is room; any failure (a read, the policy) is kept for the
+        caller (``_raise_pending``) and the worker goes on with the next key."""
         with self._cond:
-            cache = self.device.cache
-            if key in cache.state or self._error is not None:
-                return
-            slot = cache.reserve(key, self._protected)
-            if slot is None:
-                return
-            self.stats.prefetch_issued += 1
-            self.stats.pending_prefetch.add(key)
             try:
-                self._load_unlocked(key, slot, demand=False, group=self._protected)
+                self._prefetch_locked(key)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self.stats.pending_prefetch.discard(key)
-                self._error = exc
+                if self._error is None:
+                    self._error = exc
                 self._cond.notify_all()
 
-    def _evicted(self, key: ExpertKey) -> None:
-        if key in self.stats.pending_prefetch:
-            self.stats.pending_prefetch.discard(key)
-            self.stats.prefetch_wasted += 1
+    def _prefetch_locked(self, key: ExpertKey) -> None:
+        cache = self.device.cache
+        if key in cache.state or self._error is not None:
+            return
+        slot = cache.reserve(key, self._protected)
+        if slot is None:
+            return
+        self.stats.prefetch_issued += 1
+        self.stats.pending_prefetch.add(key)
+        self._load_unlocked(key, slot, demand=False, group=self._protected)
 
     def _raise_pending(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            raise LoaderError(f"background expert load failed: {exc}") from exc
+        """Raise, in the caller, what failed on the prefetch thread since the last request."""
+        if self._error is None:
+            return
+        exc, self._error = self._error, None
+        if isinstance(exc, PolicyError):
+            raise PolicyError(f"{exc} (on the prefetch thread)") from exc
+        if isinstance(exc, LoaderError):
+            raise LoaderError(f"background expert load failed: {exc}") from exc.__cause__
+        # anything else, a SystemExit or KeyboardInterrupt raised by a reader on the prefetch
+        # thread included: a failed load there, not a request to stop the caller
+        raise LoaderError(f"background expert load failed: {describe(exc)}") from exc
 
     # ---- lifecycle --------------------------------------------------------------------------
     def drain(self) -> None:
@@ -289,10 +228,16 @@ class OffloadedExperts:
         with self._cond:
             if self._worker is not None:
                 self._worker.clear()
+                since = time.perf_counter()
                 while self._worker.busy:
+                    if time.perf_counter() - since > WAIT_TIMEOUT_S:
+                        raise LoaderError(f"the prefetch thread has been loading for "
+                                          f"{WAIT_TIMEOUT_S:.0f} s: a hung read?")
                     self._cond.wait(WAIT_S)
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        """Stop the prefetch thread (waits for a read in flight, up to 10 s)."""
+        worker, self._worker = self._worker, None
+        if worker is not None and not worker.close():
+            log.warning("the prefetch thread did not stop within 10 s (a read in flight); "
+                        "it ends when the read returns")
