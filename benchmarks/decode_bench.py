@@ -274,7 +274,8 @@ def run_offload_rt(spec: dict, fraction: float, cache: str) -> dict:
         drop_page_cache(model_files(Path(spec["model_dir"])))
     clock = step_clock(rt.stats)
     with clock.attached(rt.model):
-        out = rt.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True)
+        out = rt.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True,
+                          temperature=0.0)
     s = out.stats
     res = {"engine": "offload_rt", "options": opts, "load_s": round(load_s, 3),
            "token_ids": out.token_ids, "decode_tokens_per_s": s["decode_tokens_per_s"],

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     clock = step_clock(rt.stats)
     with clock.attached(rt.model):
-        out = rt.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
+        out = rt.generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True,
+                          temperature=0.0)
     fig = decode_figures(clock, phys["expert_bytes"])
     decode = [s for s in clock.steps if s["T"] == 1]
     h2d_per_token = sum(s["bytes_host_to_device"] for s in decode) / max(1, len(decode))

@@ -32,6 +32,12 @@ def _time(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b to three significant digits (a fixed number of decimals turns a ratio measured
+    during a scheduling hiccup, e.g. 85 us / 20 ms, into 0.0)."""
+    return float(f"{a / b:.3g}")
+
+
 def _pair(a: Callable[[], object], b: Callable[[], object], repeats: int,
           iters: int) -> tuple[float, float]:
     a(), b()
@@ -57,7 +63,7 @@ def one_row(shapes: dict[str, tuple[int, int]], repeats: int, iters: int) -> lis
                             lambda x=x, w=w: torch.mv(w, x[0]), repeats, iters)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "matrix": name,
                          "shape": [o, i], "linear_us": round(lin, 1), "mv_us": round(mv, 1),
-                         "linear_over_mv": round(lin / mv, 2)})
+                         "linear_over_mv": _ratio(lin, mv)})
     return rows
 
 
@@ -74,7 +80,7 @@ def many_rows(shapes: dict[str, tuple[int, int]], repeats: int, iters: int) -> l
                               lambda x=x, w=w: _fp32_blocks(x, w), repeats, max(1, iters // 10))
             rows.append({"matrix": name, "shape": [o, i], "rows": n,
                          "linear_us": round(lin, 1), "fp32_blocks_us": round(fp32, 1),
-                         "linear_over_fp32_blocks": round(lin / fp32, 2)})
+                         "linear_over_fp32_blocks": _ratio(lin, fp32)})
     return rows
 
 
@@ -90,11 +96,11 @@ def model_ab(model_dir: str, repeats: int) -> dict:
                                                for m in ("rules", "f_linear_only")}
     with offload_rt.load(model_dir, offload=False, max_seq_len=160) as rt:
         prompt = [(i * 7919) % rt.config.vocab_size for i in range(128)]
-        rt.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+        rt.generate(prompt, max_new_tokens=4, ignore_eos=True, temperature=0.0)  # warm-up
         for _ in range(repeats):
             for mode, figures in runs.items():
                 cpu_linear.MV_MIN_ROWS, cpu_linear.FP32_MIN_TOKENS = on if mode == "rules" else off
-                s = rt.generate(prompt, max_new_tokens=24, ignore_eos=True).stats
+                s = rt.generate(prompt, max_new_tokens=24, ignore_eos=True, temperature=0.0).stats
                 for key, values in figures.items():
                     values.append(s[key])
     cpu_linear.MV_MIN_ROWS, cpu_linear.FP32_MIN_TOKENS = on

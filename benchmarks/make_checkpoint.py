@@ -211,7 +211,7 @@ def check_routing(model_dir: Path, tokens: int = 64, seed: int = 0) -> dict:
     rt.model.attach(recorder, rt.max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, cfg.vocab_size, (8,), generator=gen).tolist()
-    out = rt.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    out = rt.generate(prompt, max_new_tokens=tokens, ignore_eos=True, temperature=0.0)
     rt.close()
     picks = recorder.picks
     share = (picks.max(dim=1).values / picks.sum(dim=1).clamp(min=1)).max().item()

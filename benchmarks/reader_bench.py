@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                                  offload=True, max_seq_len=a.prompt_tokens + a.new_tokens) as rt:
                 drop_page_cache(files)
                 prompt = [(i * 7919) % rt.config.vocab_size for i in range(a.prompt_tokens)]
-                out = rt.generate(prompt, max_new_tokens=a.new_tokens, ignore_eos=True)
+                out = rt.generate(prompt, max_new_tokens=a.new_tokens, ignore_eos=True,
+                                  temperature=0.0)
             runs[mode].append(out.stats["decode_tokens_per_s"])
             print(f"[{rep}] {mode}: {runs[mode][-1]:.2f} tok/s", file=sys.stderr, flush=True)
     med = {m: statistics.median(v) for m, v in runs.items()}

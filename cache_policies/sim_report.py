@@ -18,7 +18,6 @@ semantics adds two hooks per record (one layer of one forward call):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -26,6 +25,7 @@ from cache_policies.base import CachePolicy
 from cache_policies.belady import BeladyPolicy, FutureAccesses
 from cache_policies.keys import ExpertKey
 from cache_policies.registry import make_policy
+from cache_policies.sim_output import format_table, notes, rows_json  # noqa: F401 - re-exported
 from cache_policies.simulator import SimResult, _Evictable, _result, flatten, simulate
 from cache_policies.static import StaticPolicy
 from cache_policies.trace import Record, Trace, TraceHeader
@@ -194,6 +194,10 @@ class Row:
     prefetch_useful: int = 0
     layer_hits: dict[int, int] = field(default_factory=dict)
     layer_misses: dict[int, int] = field(default_factory=dict)
+    prefetch: bool = False  # modelled prefetch (never for opt)
+    # Whether the replay had the trace's predictions to use: None = no use for them (the policy
+    # ignores on_predict and prefetch was not modelled), else whether the trace holds any.
+    predictions: bool | None = None
 
     def layer_hit_rates(self) -> dict[int, float]:
         return {layer: h / (h + self.layer_misses[layer]) if h + self.layer_misses[layer] else 0.0
@@ -230,8 +234,10 @@ def compare(trace_or_steps: Trace | Sequence[Sequence[ExpertKey]],
             factory = _factory(name, trace, slots, capacity, future)
             result = ReplayResult(opt) if name == "opt" else replay(
                 trace, factory, slots, per_layer=per_layer, prefetch=prefetch)
+            fed = name != "opt" and (prefetch or _uses_predictions(factory))
             rows.append(_row(label, name, capacity, slots, per_layer, result, opt.hit_rate,
-                             trace.num_tokens, expert_bytes))
+                             trace.num_tokens, expert_bytes, prefetch=prefetch and name != "opt",
+                             predictions=trace.has_predictions if fed else None))
     return rows
 
 
@@ -247,14 +253,15 @@ def _factory(name: str, trace: Trace, slots: int, capacity: int,
 
 
 def _row(label: str, name: str, capacity: int, slots: int, per_layer: bool,
-         result: ReplayResult, opt_rate: float, tokens: int, expert_bytes: int | None) -> Row:
+         result: ReplayResult, opt_rate: float, tokens: int, expert_bytes: int | None, *,
+         prefetch: bool, predictions: bool | None) -> Row:
     sim = result.sim
     moved = sim.misses + result.prefetch_inserts
     return Row(label, name, capacity, "layer" if per_layer else "global", slots, sim.accesses,
                sim.hits, sim.misses, sim.hit_rate, sim.hit_rate / opt_rate if opt_rate else None,
                tokens, moved * expert_bytes / tokens if expert_bytes and tokens else None,
                result.prefetch_inserts, result.prefetch_useful,
-               dict(sim.layer_hits), dict(sim.layer_misses))
+               dict(sim.layer_hits), dict(sim.layer_misses), prefetch, predictions)
 
 
 def _steps_trace(steps: Sequence[Sequence[ExpertKey]]) -> Trace:
@@ -283,28 +290,3 @@ class _StepRecord(Record):
 
 
 # ---- output -------------------------------------------------------------------------------------
-
-
-def format_table(rows: Sequence[Row], per_layer: bool = False) -> str:
-    """A plain-text table, one line per row (plus per-layer hit rates when asked)."""
-    header = ["trace", "pool", "capacity", "policy", "hit rate", "of opt", "misses",
-              "MB/token"]
-    lines = [header]
-    for r in rows:
-        lines.append([r.trace or "-", r.pool, str(r.capacity), r.policy, f"{r.hit_rate:.4f}",
-                      "-" if r.of_opt is None else f"{r.of_opt:.3f}", str(r.misses),
-                      "-" if r.bytes_per_token is None else f"{r.bytes_per_token / 1e6:.2f}"])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
-                             for i, (cell, w) in enumerate(zip(line, widths))).rstrip())
-        if per_layer and n:
-            rates = rows[n - 1].layer_hit_rates()
-            out.append("    " + " ".join(f"L{layer}:{rate:.2f}" for layer, rate in rates.items()))
-    return "\n".join(out)
-
-
-def rows_json(rows: Sequence[Row]) -> str:
-    """One line of JSON: ``{"rows": [...]}`` with per-layer hits and misses."""
-    return json.dumps({"rows": [r.as_dict() for r in rows]}, separators=(",", ":"))

@@ -3,19 +3,36 @@
     import offload_rt
     rt = offload_rt.load("path/to/model", cpu_memory="8GiB", policy="lru", prefetch=1)
     print(rt.generate("The capital of France is", max_new_tokens=16).text)
+
+``offload_rt.load()`` without a path loads the shipped demo model.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from offload_rt.errors import OffloadError
+from offload_rt.errors import (
+    BudgetError,
+    BusyError,
+    CheckpointError,
+    ContextLengthError,
+    LoaderError,
+    NumericalError,
+    OffloadError,
+    OptionError,
+    PolicyError,
+    TokenIdError,
+    TokenizerError,
+)
 
 if TYPE_CHECKING:
     from offload_rt.runtime import Output, Runtime, load
 
 __version__ = "0.1.0"
-__all__ = ["OffloadError", "Output", "Runtime", "load"]
+# Every error class of offload_rt.errors is exported here (tests/test_flags.py checks).
+__all__ = ["BudgetError", "BusyError", "CheckpointError", "ContextLengthError", "LoaderError",
+           "NumericalError", "OffloadError", "OptionError", "Output", "PolicyError", "Runtime",
+           "TokenIdError", "TokenizerError", "load"]
 _RUNTIME_NAMES = ("Output", "Runtime", "load")
 
 

@@ -9,6 +9,9 @@ at least one disk read in flight; ``h2d_busy_s`` likewise for host -> device cop
 extra memory is needed to measure the disk. A link busy nearly all the time is the bottleneck;
 ``link_limit_tokens_per_s`` is what the busiest link allows at the rate it delivered here.
 
+It also reports the process's peak resident memory next to its baseline (Python and torch
+before the model is loaded) and the budget, so what the budget covers can be read off.
+
 The first repeat starts with an empty expert cache, later ones with what the previous one left
 (as in a chat): compare medians, and use ``--repeats`` >= 3. For comparisons against other
 libraries and the hardware see ``benchmarks/`` in the source tree.
@@ -24,6 +27,7 @@ import torch
 
 from offload_rt.engine.step_clock import StepClock
 from offload_rt.errors import OptionError
+from offload_rt.process_memory import peak_rss_bytes
 from offload_rt.runtime import Runtime
 
 Report = Callable[[int, dict[str, Any]], None]
@@ -80,7 +84,7 @@ def _one_run(rt: Runtime, prompt: list[int], new_tokens: int) -> dict[str, Any]:
     """One generation; engine figures over its decode steps (one token each) only."""
     clock = StepClock(rt.stats)
     with clock.attached(rt.model):
-        out = rt.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+        out = rt.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True, temperature=0.0)
     d = clock.decode_totals()
     steps = int(d.get("steps", 0))
     engine = (_engine_figures(d) if rt.offloaded and steps
@@ -95,9 +99,24 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def planned_bytes(rt: Runtime) -> int:
+    """Bytes the memory plan allocates within the device budget: trunk, KV cache, work buffers
+    and the expert slots (every expert when resident)."""
+    fp, cfg = rt.plan.footprint, rt.config
+    slots = rt.plan.device_slots if rt.offloaded else cfg.num_layers * cfg.num_experts
+    return fp.fixed + slots * fp.slot
+
+
 def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
-              seed: int = 0, report: Report | None = None) -> dict[str, Any]:
-    """Generate ``repeats`` times; per-run figures and their medians (see module docstring)."""
+              seed: int = 0, report: Report | None = None,
+              baseline_rss: int | None = None) -> dict[str, Any]:
+    """Generate ``repeats`` times; per-run figures and their medians (see module docstring).
+
+    Memory: ``peak_rss_bytes`` is the process's peak resident set after the runs;
+    ``baseline_rss`` (``process_memory.process_baseline_rss``, measured before the model was
+    loaded) is reported as ``process_baseline_rss_bytes``: what the budget does not cover;
+    ``memory_planned_bytes`` is what the plan allocates within ``memory_budget_bytes``.
+    """
     check_settings(prompt_tokens, new_tokens, repeats)
     prompt = bench_prompt(rt.config.vocab_size, prompt_tokens, seed)
     runs = []
@@ -125,5 +144,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
         "same_tokens_every_run": all(r["token_ids"] == runs[0]["token_ids"] for r in runs),
         "token_ids": runs[0]["token_ids"],  # the first run's (compare builds or flags)
         "median": medians, "bound_by": bound,
+        "process_baseline_rss_bytes": baseline_rss, "peak_rss_bytes": peak_rss_bytes(),
+        "memory_budget_bytes": rt.plan.device_budget, "memory_planned_bytes": planned_bytes(rt),
         "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs],
     }

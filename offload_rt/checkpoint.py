@@ -16,7 +16,9 @@ import torch
 from offload_rt import tensor_names as names
 from offload_rt.config import ModelConfig, config_from_hf, config_from_mistral
 from offload_rt.errors import CheckpointError
+from offload_rt.model_fields import check_tensor_names
 from offload_rt.safetensors_file import TensorInfo, read_header, read_into, read_tensor
+from offload_rt.weight_file import WeightFile
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -70,6 +72,21 @@ def _detect_layout(model_dir: Path) -> tuple[str, ModelConfig]:
                           "params.json (Mistral-native layout) found")
 
 
+def _read_headers(paths: list[Path], opened: list[WeightFile]) -> dict[str, TensorInfo]:
+    """Open each file (appended to ``opened``) and parse its header."""
+    tensors: dict[str, TensorInfo] = {}
+    for path in paths:
+        file = WeightFile(path)
+        opened.append(file)
+        header = read_header(file)
+        check_tensor_names(list(header), path)  # before "missing": say what format it is
+        for name, info in header.items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor '{name}' also in {tensors[name].path}")
+            tensors[name] = info
+    return tensors
+
+
 @dataclass(frozen=True)
 class ExpertLocation:
     """The three matrices of one expert, in packing order (w1, w3, w2)."""
@@ -82,12 +99,15 @@ class ExpertLocation:
 
 
 class Checkpoint:
-    """A validated model folder. Construct with ``Checkpoint.open(path)``."""
+    """A validated model folder. Construct with ``Checkpoint.open(path)``; its weight files
+    stay open (one descriptor per shard) until ``close()``, so reads get the validated bytes
+    (``weight_file``)."""
 
     def __init__(self, model_dir: Path, layout: str, config: ModelConfig,
-                 tensors: dict[str, TensorInfo]) -> None:
+                 tensors: dict[str, TensorInfo], files: list[WeightFile] | None = None) -> None:
         self.model_dir, self.layout, self.config = model_dir, layout, config
         self._tensors = tensors
+        self.files = files or []
         self.dtype = tensors[names.file_name(layout, "embed")].dtype
 
     @classmethod
@@ -95,18 +115,26 @@ class Checkpoint:
         """Find the layout, parse every header and check names, shapes and dtypes."""
         model_dir = Path(model_dir).expanduser()
         layout, config = _detect_layout(model_dir)
-        tensors: dict[str, TensorInfo] = {}
-        for path in _weight_files(model_dir, layout):
-            for name, info in read_header(path).items():
-                if name in tensors:
-                    raise CheckpointError(f"{path}: tensor '{name}' also in {tensors[name].path}")
-                tensors[name] = info
-        embed = names.file_name(layout, "embed")
-        if embed not in tensors:  # checked first: the file dtype is read from it
-            raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing from the weight files")
-        ckpt = cls(model_dir, layout, config, tensors)
-        ckpt._validate()
+        files: list[WeightFile] = []
+        try:
+            tensors = _read_headers(_weight_files(model_dir, layout), files)
+            embed = names.file_name(layout, "embed")
+            if embed not in tensors:  # checked first: the file dtype is read from it
+                raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing from the "
+                                      "weight files")
+            ckpt = cls(model_dir, layout, config, tensors, files)
+            ckpt._validate()
+        except BaseException:
+            for file in files:
+                file.close()
+            raise
         return ckpt
+
+    def close(self) -> None:
+        """Close the weight files (after any read in flight); later reads raise
+        ``CheckpointError``. Idempotent."""
+        for file in self.files:
+            file.close()
 
     def _expected(self) -> dict[str, tuple[int, ...]]:
         expected = {names.file_name(self.layout, c): s

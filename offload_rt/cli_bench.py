@@ -10,6 +10,7 @@ from typing import IO, Any
 from offload_rt.cli_options import (
     add_model_argument,
     add_runtime_arguments,
+    int_at_least,
     model_dir,
     progress_bar,
     runtime_options,
@@ -28,11 +29,12 @@ def add_bench_parser(subparsers: Any,
                     "were. Progress goes to stderr; the summary (or --json) to stdout.")
     add_model_argument(parser)
     group = parser.add_argument_group("benchmark")
-    group.add_argument("--prompt-tokens", metavar="N", type=int, default=32,
+    group.add_argument("--prompt-tokens", metavar="N", type=int_at_least(1), default=32,
                        help="prompt length in tokens (default 32)")
-    group.add_argument("--new-tokens", metavar="N", type=int, default=32,
-                       help="tokens generated per run (default 32, at least 2)")
-    group.add_argument("--repeats", metavar="N", type=int, default=3,
+    group.add_argument("--new-tokens", metavar="N", type=int_at_least(2), default=32,
+                       help="tokens generated per run (default 32, at least 2: the first is "
+                            "the prefill's, the rest are timed decode steps)")
+    group.add_argument("--repeats", metavar="N", type=int_at_least(1), default=3,
                        help="runs; medians are reported (default 3)")
     group.add_argument("--seed", metavar="S", type=int, default=0, help="prompt seed")
     group.add_argument("--json", action="store_true", help="print one JSON object")
@@ -44,15 +46,18 @@ def add_bench_parser(subparsers: Any,
 def run_bench_command(args: argparse.Namespace) -> int:
     import offload_rt
     from offload_rt.bench import check_settings, run_bench
+    from offload_rt.process_memory import process_baseline_rss
 
     check_settings(args.prompt_tokens, args.new_tokens, args.repeats)  # before loading
+    baseline = process_baseline_rss()
     with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
                          **runtime_options(args)) as rt:
         def report(i: int, run: dict[str, Any]) -> None:
             print(f"[{i + 1}/{args.repeats}] {run_line(run)}", file=sys.stderr, flush=True)
 
         result = run_bench(rt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                           repeats=args.repeats, seed=args.seed, report=report)
+                           repeats=args.repeats, seed=args.seed, report=report,
+                           baseline_rss=baseline)
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -72,6 +77,20 @@ def run_line(run: dict[str, Any]) -> str:
                   f"{run['loads_per_token']:.1f} loads/token",
                   f"disk busy {_pct(run['disk_busy_fraction'])}"]
     return ", ".join(parts)
+
+
+def memory_line(r: dict[str, Any]) -> str:
+    """'peak RSS 265.2 MiB: process baseline 228.4 MiB (...) + 36.7 MiB (planned 13.1 MiB of
+    a 17.8 GiB --cpu-memory budget)': on a GPU run the budget is the GPU's, RSS the host's."""
+    peak, base = r["peak_rss_bytes"], r["process_baseline_rss_bytes"]
+    line = f"peak RSS {format_size(peak)}"
+    if base is not None:
+        line += (f": process baseline {format_size(base)} (Python + torch, before loading) "
+                 f"+ {format_size(peak - base)}")
+    budget = r["memory_budget_bytes"]
+    flag = "--gpu-memory" if r["options"]["device"].startswith("cuda") else "--cpu-memory"
+    return line + (f" (planned {format_size(r['memory_planned_bytes'])} of a "
+                   f"{format_size(budget)} {flag} budget)" if budget is not None else "")
 
 
 def print_summary(r: dict[str, Any], out: IO[str]) -> None:
@@ -100,6 +119,7 @@ def print_summary(r: dict[str, Any], out: IO[str]) -> None:
         verdict = f"{bound}" + (f" (at most {limit:.2f} tok/s at the rate it ran at)"
                                 if bound != "compute" and limit else "")
         rows.append(("bound by", verdict))
+    rows.append(("memory", memory_line(r)))
     if not r["same_tokens_every_run"]:
         rows.append(("warning", "the runs generated different tokens"))
     width = max(len(k) for k, _ in rows)

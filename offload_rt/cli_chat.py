@@ -1,20 +1,35 @@
 """``offload-rt chat``: an interactive multi-turn chat with streamed answers.
 
-Reads questions line by line from a terminal (with a prompt) or from a pipe (no prompt), so
-``echo "hi" | offload-rt chat`` works. Commands: /reset, /stats, /help, /exit. After each answer a
-one-line summary (tokens/s, expert-cache hit rate, bytes moved) goes to stderr.
+Reads questions line by line from a terminal (with a prompt, line editing and history) or from
+a pipe (no prompt), so ``echo "hi" | offload-rt chat`` works. Commands: /reset, /stats, /help,
+/exit. After each answer a one-line summary (tokens/s, expert-cache hit rate, bytes moved) goes
+to stderr. On a terminal, Ctrl-C stops an answer (it is left out of the conversation) and
+Ctrl-C or Ctrl-D at an empty prompt ends the session.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import time
 from collections import Counter
-from typing import IO, TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import offload_rt
 from offload_rt.chat import ChatSession
+from offload_rt.chat_input import (
+    PipeInput,
+    default_history_file,
+    escape_undecodable_bytes,
+    terminal_input,
+)
 from offload_rt.cli_generate import summary_line
 from offload_rt.cli_options import (
     add_model_argument,
@@ -26,13 +41,26 @@ from offload_rt.cli_options import (
     sampling_kwargs,
 )
 from offload_rt.engine.sizes import format_size
-from offload_rt.errors import ContextLengthError
+from offload_rt.errors import ContextLengthError, OptionError
+from offload_rt.text_input import check_text
 
 if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
     from offload_rt.runtime import Runtime
 
-HELP = "commands: /reset (forget the conversation), /stats, /help, /exit"
+COMMANDS = "/reset (forget the conversation), /stats, /help, /exit"
+HELP = (f"commands: {COMMANDS}; a line starting with // is sent as a question starting with /; "
+        "Ctrl-C stops an answer, Ctrl-D exits")
 TOTALS = ("tokens", "hits", "misses", "bytes_moved", "prefetch_useful", "prefetch_wasted")
+# chat's own defaults, for a model whose generation_config.json sets none (its do_sample /
+# max_new_tokens win: see cli_options.sampling_kwargs)
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 200}
+
+
+class LineSource(Protocol):
+    """``chat_input.PipeInput`` or ``TerminalInput``: ``read()`` gives the next line, or None
+    when the session should end."""
+
+    def read(self) -> str | None: ...
 
 
 def add_chat_parser(subparsers: Any,
@@ -41,8 +69,13 @@ def add_chat_parser(subparsers: Any,
                                    description=__doc__.split("\n\n")[0])
     add_model_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
-    add_sampling_arguments(parser)
-    parser.set_defaults(temperature=0.7, top_p=0.9, max_new_tokens=200, seed=None)
+    parser.add_argument("--history-file", metavar="FILE", type=Path,
+                        help="where a terminal session keeps the lines typed, for Up/Down and "
+                             "Ctrl-R in later sessions (default: $XDG_STATE_HOME/offload_rt/"
+                             "chat_history, else ~/.local/state/offload_rt/chat_history)")
+    parser.add_argument("--no-history-file", action="store_true",
+                        help="keep the typed lines for this session only, nothing on disk")
+    add_sampling_arguments(parser, CHAT_SAMPLING)
     add_runtime_arguments(parser)
     parser.set_defaults(run=run_chat)
     return parser
@@ -53,71 +86,127 @@ def run_chat(args: argparse.Namespace) -> int:
     sampling = sampling_kwargs(args)
     max_new = sampling.pop("max_new_tokens")
     with offload_rt.load(model_dir(args), progress=progress_bar(True),
-                         **runtime_options(args)) as rt:
-        session = ChatSession(rt, system=args.system, max_new_tokens=max_new, sampling=sampling)
+                         **runtime_options(args)) as rt, _input(args, interactive) as lines:
+        session = ChatSession(rt, system=args.system, max_new_tokens=max_new, sampling=sampling,
+                              on_trim=lambda n: _trim_notice(n, sys.stderr))
         if interactive:
             print(f"offload-rt chat: {rt.checkpoint.model_dir.name}. {HELP}", file=sys.stderr)
-        _loop(session, sys.stdin, sys.stdout, sys.stderr, interactive)
+        _loop(session, lines, sys.stdout, sys.stderr, interactive)
     return 0
 
 
-def _read(stdin: IO[str], interactive: bool) -> str | None:
-    if interactive:
-        try:
-            return input("> ")
-        except EOFError:
-            return None
-    line = stdin.readline()
-    return line if line else None
+@contextlib.contextmanager
+def _input(args: argparse.Namespace, interactive: bool) -> Iterator[LineSource]:
+    """Terminal (readline, history file) or pipe; stdin decoded with surrogateescape."""
+    escape_undecodable_bytes(sys.stdin)
+    if not interactive:
+        yield PipeInput(sys.stdin)
+        return
+    history = None if args.no_history_file else args.history_file or default_history_file()
+    with terminal_input(sys.stdout, history) as terminal:
+        yield terminal
 
 
-def _loop(session: ChatSession, stdin: IO[str], out: IO[str], err: IO[str],
+def _trim_notice(dropped: int, err: IO[str]) -> None:
+    what = "the oldest exchange" if dropped == 1 else f"the {dropped} oldest exchanges"
+    print(f"(context full: dropped {what})", file=err, flush=True)
+
+
+def _loop(session: ChatSession, lines: LineSource, out: IO[str], err: IO[str],
           interactive: bool) -> None:
-    totals: Counter[str] = Counter()
-    while (line := _read(stdin, interactive)) is not None:
+    chat = _ChatLoop(session, out, err, interactive)
+    for number, line in enumerate(iter(lines.read, None), 1):
         text = line.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            if not _command(text, session, totals, out):
-                return
-            continue
+        if text and not chat.line(text, number):
+            return
+
+
+@dataclass
+class _ChatLoop:
+    """What one line does: refused, a /command, or a question answered on ``out``."""
+
+    session: ChatSession
+    out: IO[str]
+    err: IO[str]
+    interactive: bool
+    totals: Counter[str] = field(default_factory=Counter)
+
+    def line(self, text: str, number: int) -> bool:
+        """Handle one non-empty line (``number`` counts from 1); False means exit."""
         try:
-            _answer(session, text, out, err, totals)
+            check_text(text, "this line" if self.interactive else f"line {number} of stdin")
+        except OptionError as exc:  # this line only: nothing reaches the model
+            self._note(f"(not sent: {exc})")
+            return True
+        if text.startswith("/") and not text.startswith("//"):
+            return self.command(text)
+        try:
+            self.answer(text.removeprefix("/"))  # "//..." asks a question starting with "/"
         except ContextLengthError as exc:  # this question only: keep the conversation going
-            print(f"(not answered: {exc})", file=err, flush=True)
+            self._note(f"(not answered: {exc})")
+        return True
+
+    def command(self, text: str) -> bool:
+        """Run a /command; False means exit."""
+        name = text.split()[0].lower()
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/reset":
+            self.session.reset()
+            reply = "(conversation cleared)"
+        elif name == "/stats":
+            reply = _stats_text(self.session.runtime, self.totals)
+        elif name == "/help":
+            reply = HELP
+        else:
+            reply = f"unknown command {name}; commands: {COMMANDS}"
+        print(reply, file=self.out, flush=True)
+        return True
+
+    def answer(self, question: str) -> None:
+        """Stream the answer, then its summary line on ``err``. On a terminal Ctrl-C stops it."""
+        start = time.perf_counter()
+        rt = self.session.runtime
+        with _ctrl_c_cancels(rt) if self.interactive else contextlib.nullcontext():
+            for piece in self.session.reply(question):
+                self.out.write(piece)
+                self.out.flush()
+        self.out.write("\n")
+        self.out.flush()
+        stats = rt.stats_dict(time.perf_counter() - start)
+        self.totals["answers"] += 1
+        for key in TOTALS:
+            self.totals[key] += stats.get(key, 0)
+        reason = rt.last_result.finish_reason if rt.last_result else None
+        if reason == "cancelled":
+            self._note("(answer stopped; left out of the conversation)")
+        self._note(f"[{summary_line(stats, reason)}]")
+
+    def _note(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
 
 
-def _command(text: str, session: ChatSession, totals: Counter[str], out: IO[str]) -> bool:
-    """Run a /command; False means exit."""
-    name = text.split()[0].lower()
-    if name in ("/exit", "/quit"):
-        return False
-    if name == "/reset":
-        session.reset()
-        print("(conversation cleared)", file=out, flush=True)
-    elif name == "/stats":
-        print(_stats_text(session.runtime, totals), file=out, flush=True)
-    else:
-        print(HELP, file=out, flush=True)
-    return True
+@contextlib.contextmanager
+def _ctrl_c_cancels(rt: Runtime) -> Iterator[None]:
+    """Meanwhile Ctrl-C (SIGINT) asks ``rt`` to stop before its next token instead of raising
+    KeyboardInterrupt mid-step, so the engine is never left half-way through a forward pass; a
+    second Ctrl-C raises KeyboardInterrupt (the session ends, exit status 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    pressed = threading.Event()
 
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if pressed.is_set():
+            raise KeyboardInterrupt
+        pressed.set()
+        rt.cancel()
 
-def _answer(session: ChatSession, question: str, out: IO[str], err: IO[str],
-            totals: Counter[str]) -> None:
-    start = time.perf_counter()
-    for piece in session.reply(question):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
-    rt = session.runtime
-    stats = rt.stats_dict(time.perf_counter() - start)
-    totals["answers"] += 1
-    for key in TOTALS:
-        totals[key] += stats.get(key, 0)
-    reason = rt.last_result.finish_reason if rt.last_result else None
-    print(f"[{summary_line(stats, reason)}]", file=err, flush=True)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stats_text(rt: Runtime, totals: Counter[str]) -> str:

@@ -26,6 +26,7 @@ from offload_rt.cli_options import (
 from offload_rt.cli_simulate import add_trace_options, trace_kwargs
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
+from offload_rt.text_input import check_text, decode_text
 
 if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
     from offload_rt.runtime import Output, Runtime
@@ -112,11 +113,22 @@ def prompt_kwargs(args: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]:
         if args.chat:
             raise OptionError("--chat needs --prompt TEXT, not --prompt-ids")
         return {"prompt": args.prompt_ids}
-    # stdin is read in text mode, so a Windows "\r\n" has already become "\n".
-    text = stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
+    text = read_stdin(stdin) if args.prompt == "-" else check_text(args.prompt, "--prompt")
     if args.chat:
         return {"messages": [{"role": "user", "content": text}]}
     return {"prompt": text}
+
+
+def read_stdin(stdin: IO[str]) -> str:
+    """The prompt piped in, one trailing newline removed; its bytes are decoded strictly in
+    stdin's encoding, so bad bytes are an OptionError naming their offset (``decode_text``)."""
+    source = "--prompt - (stdin)"
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream with no bytes underneath (io.StringIO)
+        return check_text(stdin.read(), source).removesuffix("\n")
+    text = decode_text(raw.read(), source, stdin.encoding or "utf-8")
+    # as text mode reads it (universal newlines): a Windows "\r\n" becomes "\n"
+    return text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n")
 
 
 def print_stream(rt: Runtime, request: dict[str, Any], out: IO[str], err: IO[str]) -> None:

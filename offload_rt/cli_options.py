@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cache_policies.registry import available_policies, policy_class
-from offload_rt.demo import DEMO_CACHE_EXPERTS, demo_model_dir
+from offload_rt.demo import DEMO_CACHE_EXPERTS, demo_model_dir, demo_options
+from offload_rt.generation_config import DEFAULT_MAX_NEW_TOKENS, read_generation_config
 from offload_rt.options import POOLS, RuntimeOptions
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-DEFAULT_MAX_NEW_TOKENS = 128
+GREEDY = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0, "top_k": 0, "top_p": 1}
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,30 +25,57 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
                              "the shipped demo model, with part of its experts cached")
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags for how many tokens, how to pick them and when to stop."""
+def add_sampling_arguments(parser: argparse.ArgumentParser,
+                           fallbacks: Mapping[str, Any] | None = None) -> None:
+    """Flags for how many tokens, how to pick them and when to stop.
+
+    A flag left out takes the model's default (its generation_config.json), else the
+    subcommand's ``fallbacks`` (chat: temperature 0.7...), else greedy and
+    DEFAULT_MAX_NEW_TOKENS: ``sampling_kwargs`` applies the fallbacks, the runtime the rest.
+    """
+    own = {**GREEDY, **(fallbacks or {})}
+
+    def default(name: str) -> str:
+        return f"(default: the model's generation_config.json, else {own[name]})"
+
+    parser.set_defaults(sampling_fallbacks=dict(fallbacks or {}))
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-new-tokens", metavar="N", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                       help="tokens to generate at most (default: %(default)s)")
-    group.add_argument("--temperature", metavar="T", type=float, default=0.0,
-                       help="0 = greedy (default: %(default)s)")
-    group.add_argument("--top-k", metavar="K", type=int, default=0,
-                       help="sample from the K most likely tokens; 0 = off (default: %(default)s)")
-    group.add_argument("--top-p", metavar="P", type=float, default=1.0,
-                       help="nucleus sampling mass; 1 = off (default: %(default)s)")
+    group.add_argument("--max-new-tokens", metavar="N", type=int_at_least(1), default=None,
+                       help=f"tokens to generate at most, >= 1 {default('max_new_tokens')}")
+    group.add_argument("--temperature", metavar="T", type=float, default=None,
+                       help=f"0 = greedy {default('temperature')}")
+    group.add_argument("--top-k", metavar="K", type=int, default=None,
+                       help=f"sample from the K most likely tokens; 0 = off {default('top_k')}")
+    group.add_argument("--top-p", metavar="P", type=float, default=None,
+                       help=f"nucleus sampling mass; 1 = off {default('top_p')}")
     group.add_argument("--seed", metavar="S", type=int, default=None,
                        help="random seed for sampling (default: nondeterministic)")
-    group.add_argument("--stop", metavar="STR", action="append", default=[],
-                       help="stop when this text appears (not printed); repeatable")
+    group.add_argument("--stop", metavar="STR", action="append", default=None,
+                       help="stop when this text appears (not printed); repeatable (default: "
+                            "the model's stop_strings, else none)")
     group.add_argument("--ignore-eos", action="store_true",
                        help="keep generating past the end-of-sequence token")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``Runtime.stream``/``generate`` keyword arguments from ``add_sampling_arguments`` flags."""
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-            "stop": tuple(args.stop), "ignore_eos": args.ignore_eos}
+    """``Runtime.stream``/``generate`` keyword arguments from ``add_sampling_arguments`` flags.
+
+    None means "the model's default" to the runtime. A flag with a subcommand fallback gets
+    it here unless the model's generation_config.json sets that parameter (read from
+    MODEL_DIR; a malformed file raises CheckpointError naming it).
+    """
+    out = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+           "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+           "stop": None if args.stop is None else tuple(args.stop),
+           "ignore_eos": args.ignore_eos}
+    fallbacks = {k: v for k, v in getattr(args, "sampling_fallbacks", {}).items()
+                 if out[k] is None}
+    if fallbacks:
+        model = read_generation_config(model_dir(args))
+        for name, value in fallbacks.items():
+            shipped = model.default(name)
+            out[name] = value if shipped is None else shipped
+    return out
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,11 +87,16 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default=d.dtype,
                        help="compute dtype (default: the checkpoint's)")
     group.add_argument("--gpu-memory", metavar="SIZE", default=d.gpu_memory,
-                       help="GPU budget, e.g. 6GiB or auto (default: auto)")
+                       help="GPU budget with --device cuda, e.g. 6GiB, or auto: free GPU memory "
+                            "less 512 MiB (default: auto); refused with --device cpu")
     group.add_argument("--cpu-memory", metavar="SIZE", default=d.cpu_memory,
-                       help="RAM budget, e.g. 16GiB or auto (default: auto)")
+                       help="RAM budget, e.g. 16GiB, or auto: 85%% of available RAM (default: "
+                            "auto). auto is the same as leaving the flag out: the demo model "
+                            f"then caches {DEMO_CACHE_EXPERTS} of its 8 experts per layer; a "
+                            "size lets the budget decide")
     group.add_argument("--cache-experts", metavar="K", type=int, default=d.cache_experts,
-                       help="device expert slots per layer (forces offloading)")
+                       help="device expert slots per layer, top_k..experts (forces "
+                            "offloading; refused with --no-offload)")
     group.add_argument("--policy", metavar="NAME", type=policy_spec, default=d.policy,
                        help=f"expert eviction policy: {', '.join(available_policies())}, or a "
                             "class as pkg.module:Class (default: %(default)s)")
@@ -75,7 +108,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-seq-len", metavar="N", type=int, default=d.max_seq_len,
                        help="context length to allocate (default: min(model's, 4096))")
     group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=d.offload,
-                       help="always / never stream experts (default: only when they do not fit)")
+                       help="always / never stream experts (default: only when they do not "
+                            "fit); --no-offload is refused with --cache-experts or with a "
+                            "budget too small for every expert")
 
 
 def policy_spec(spec: str) -> str:
@@ -91,21 +126,35 @@ def policy_spec(spec: str) -> str:
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     """``offload_rt.load`` keyword arguments from ``add_runtime_arguments`` flags.
 
-    For the demo model (no MODEL_DIR) with no budget flags given, the expert cache holds only
-    part of the experts, so offloading visibly happens.
+    For the demo model (no MODEL_DIR) the expert cache holds only part of the experts unless
+    a flag sizes it (``offload_rt.demo.demo_options``, as ``offload_rt.load()`` does), so
+    offloading visibly happens.
     """
     opts = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
             "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
             "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
             "max_seq_len": args.max_seq_len, "offload": args.offload}
-    budget_flags = ("gpu_memory", "cpu_memory", "cache_experts", "offload")
-    if args.model_dir is None and all(opts[k] is None for k in budget_flags):
-        opts["cache_experts"] = DEMO_CACHE_EXPERTS
-    return opts
+    return demo_options(opts) if args.model_dir is None else opts
 
 
 def model_dir(args: argparse.Namespace) -> Path:
+    """MODEL_DIR, or the shipped demo model's folder when it was left out."""
     return args.model_dir if args.model_dir is not None else demo_model_dir()
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``: the parser's error names the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
 def progress_bar(enabled: bool) -> Callable[[int, int], None] | None:

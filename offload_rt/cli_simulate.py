@@ -1,6 +1,6 @@
 """``offload-rt simulate`` (replay traces through policies) and ``offload-rt trace`` (record one).
 
-    offload-rt trace MODEL_DIR --prompt "Hello" --max-new-tokens 64 -o run.trace.jsonl.gz
+    offload-rt trace [MODEL_DIR] --prompt "Hello" --max-new-tokens 64 -o run.trace.jsonl.gz
     offload-rt simulate run.trace.jsonl.gz --policies lru,lfu,opt --capacity 2,4,6 --plot hr.png
     offload-rt simulate --synthetic --layers 32 --experts 8 --tokens 2000 --zipf 1.1
 
@@ -20,6 +20,8 @@ from cache_policies.synthetic import SyntheticSpec, synthetic_trace
 from cache_policies.trace import Trace, read_trace, write_trace
 from offload_rt.errors import OptionError
 
+DEFAULT_CAPACITIES = (2, 4, 6)
+
 
 def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = None
                         ) -> argparse.ArgumentParser:
@@ -35,21 +37,25 @@ def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] 
     sim.add_argument("--policies", metavar="LIST", type=_names, default=list(DEFAULT_POLICIES),
                      help="comma-separated policy names or pkg.module:Class paths "
                           f"(default: {','.join(DEFAULT_POLICIES)})")
-    sim.add_argument("--capacity", metavar="LIST", type=_ints, default=[2, 4, 6],
-                     help="expert slots per layer to try, comma-separated; a global pool gets "
-                          "this many times the number of layers (default: 2,4,6)")
+    sim.add_argument("--capacity", metavar="LIST", type=_ints, default=None,
+                     help="expert slots per layer to try, comma-separated, each from the "
+                          "trace's top_k to its experts per layer (what the runtime accepts "
+                          "as --cache-experts; others are refused); a global pool gets this "
+                          "many times the number of layers (default: those of 2,4,6 in that "
+                          "range, else top_k)")
     sim.add_argument("--pool", choices=("layer", "global"), default="layer",
                      help="a pool per layer, or one shared pool (default: %(default)s)")
     sim.add_argument("--prefetch", action="store_true",
                      help="model prefetch: recorded predictions are loaded before the next "
-                          "layer runs (opt stays demand-only)")
+                          "layer runs (opt stays demand-only; a trace recorded with "
+                          "--prefetch 0 has none: a note says so)")
     sim.add_argument("--expert-bytes", metavar="N", type=int, default=None,
                      help="bytes of one expert for MB/token (default: the trace's)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     out.add_argument("--per-layer", action="store_true", help="add per-layer hit rates to the table")
     out.add_argument("--plot", metavar="PNG", type=Path, help="also write a hit-rate plot (needs "
-                     "pip install 'offload_rt[plot]')")
+                     "matplotlib: pip install '.[plot]' in the source tree)")
     _add_synthetic_arguments(parser)
     parser.set_defaults(run=run_simulate)
     return parser
@@ -82,8 +88,9 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Load or generate traces, compare policies, print; errors become ``OptionError``."""
     rows: list[Row] = []
     for label, trace in _traces(args):
+        capacities = _capacities(label, trace, args.capacity)
         try:
-            rows += compare(trace, args.policies, args.capacity, per_layer=args.pool == "layer",
+            rows += compare(trace, args.policies, capacities, per_layer=args.pool == "layer",
                             prefetch=args.prefetch, label=label, expert_bytes=args.expert_bytes)
         except ValueError as exc:
             raise OptionError(f"{label}: {exc}") from exc
@@ -98,6 +105,24 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(rows_json(rows) if args.json else format_table(rows, per_layer=args.per_layer),
           flush=True)
     return 0
+
+
+def _capacities(label: str, trace: Trace, given: list[int] | None) -> list[int]:
+    """The capacities to simulate: ``given``, refusing what the runtime refuses as
+    --cache-experts (slots per layer, either pool); by default those of 2,4,6 it accepts."""
+    top_k, experts = trace.header.top_k, trace.header.num_experts
+    if given is None:
+        return [c for c in DEFAULT_CAPACITIES if top_k <= c <= experts] or [top_k]
+    for capacity in given:
+        if capacity < top_k:
+            raise OptionError(f"{label}: --capacity {capacity} is below the trace's top_k "
+                              f"({top_k}): a token's top_k experts of a layer must be resident "
+                              "together, and the runtime refuses --cache-experts below top_k")
+        if capacity > experts:
+            raise OptionError(f"{label}: --capacity {capacity} is above the trace's {experts} "
+                              "experts per layer: every expert fits and none is ever evicted; "
+                              "the runtime refuses --cache-experts above the number of experts")
+    return given
 
 
 def _traces(args: argparse.Namespace) -> list[tuple[str, Trace]]:
@@ -166,13 +191,19 @@ def trace_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def add_trace_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = None
                      ) -> argparse.ArgumentParser:
     """Register ``trace``: generate for one or more prompts and write their routing trace."""
-    from offload_rt.cli_options import add_runtime_arguments, add_sampling_arguments
+    from offload_rt.cli_options import (
+        add_model_argument,
+        add_runtime_arguments,
+        add_sampling_arguments,
+    )
 
     parser = subparsers.add_parser(
         "trace", parents=parents or [], help="record a routing trace for the simulator",
         description="Generate for each prompt with the given runtime options and write every "
-                    "routing decision (and prefetch prediction) to a trace file.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="model folder")
+                    "routing decision (and prefetch prediction) to a trace file. Without "
+                    "MODEL_DIR: the shipped demo model, with the same default cache as "
+                    "generate.")
+    add_model_argument(parser)
     prompts = parser.add_argument_group("prompts (repeatable, run in order)")
     prompts.add_argument("--prompt", metavar="TEXT", action="append", default=[])
     prompts.add_argument("--prompt-ids", metavar="IDS", action="append", default=[],
@@ -188,7 +219,7 @@ def add_trace_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | N
 
 def run_trace(args: argparse.Namespace) -> int:
     import offload_rt
-    from offload_rt.cli_options import runtime_options, sampling_kwargs
+    from offload_rt.cli_options import model_dir, runtime_options, sampling_kwargs
     from offload_rt.trace_recorder import record_trace
 
     prompts: list[str | list[int]] = [*args.prompt, *args.prompt_ids]
@@ -200,7 +231,7 @@ def run_trace(args: argparse.Namespace) -> int:
     request = sampling_kwargs(args)
     max_new = request.pop("max_new_tokens")
     source = str(args.prompts_file) if args.prompts_file else "command line"
-    with offload_rt.load(args.model_dir, **runtime_options(args)) as rt:
+    with offload_rt.load(model_dir(args), **runtime_options(args)) as rt:
         trace = record_trace(rt, args.trace_output, prompts, max_new,
                              metadata={"sampling": request}, prompt_source=source,
                              **trace_kwargs(args), **request)

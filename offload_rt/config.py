@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offload_rt import model_fields as fields
 from offload_rt.errors import CheckpointError
 
 # Mixtral checkpoints in the Mistral-native layout carry no context length; this is Mixtral's.
@@ -28,10 +29,12 @@ class ModelConfig:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
-    max_seq_len: int
+    max_seq_len: int  # the model's context: positions it takes (RoPE keeps counting past a window)
     tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 2
+    sliding_window: int | None = None  # a token attends to the latest W positions, its own too
+    eos_token_ids: tuple[int, ...] = (2,)  # () = the file names none (the tokenizer's EOS stops)
+    dtype: str | None = None  # config.json dtype/torch_dtype: the default compute dtype
+    max_seq_len_source: str = field(default="", compare=False)  # "max_position_embeddings in …"
 
     def __post_init__(self) -> None:
         positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -47,13 +50,19 @@ class ModelConfig:
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
+    def kv_positions(self, max_seq_len: int) -> int:
+        """Positions one layer's KV cache holds for a context of ``max_seq_len``: all of them,
+        or with a sliding window only the latest ``sliding_window`` (a rolling buffer)."""
+        return min(max_seq_len, self.sliding_window or max_seq_len)
+
     @property
     def expert_numel(self) -> int:
         """Elements of one expert: w1 and w3 [intermediate, hidden], w2 [hidden, intermediate]."""
         return 3 * self.hidden_size * self.intermediate_size
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``CheckpointError`` naming the file if it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -78,14 +87,18 @@ def _require(data: dict[str, Any], key: str, path: Path, kind: type = int) -> An
 
 
 def _hf_rope_theta(data: dict[str, Any], path: Path) -> float:
-    """transformers < 5 writes top-level rope_theta; 5.x nests it in rope_parameters."""
-    params = data.get("rope_parameters") or data.get("rope_scaling")
-    if isinstance(params, dict):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"{path}: unsupported rope_type '{rope_type}' (only 'default')")
-        if "rope_theta" in params:
-            return float(_require(params, "rope_theta", path, float))
+    """transformers < 5 writes top-level rope_theta (scaling in rope_scaling); 5.x nests both in
+    rope_parameters. Only the default (unscaled) RoPE is implemented."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = data.get(key)
+        if isinstance(params, dict):
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type != "default":
+                raise CheckpointError(f"{path}: unsupported rope_type '{rope_type}' in {key} "
+                                      "(only 'default')")
+    params = data.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(_require(params, "rope_theta", path, float))
     if "rope_theta" in data:
         return float(_require(data, "rope_theta", path, float))
     return 1e6
@@ -97,37 +110,24 @@ def _hf_check_architecture(data: dict[str, Any], path: Path) -> None:
     if model_type != "mixtral" and "MixtralForCausalLM" not in archs:
         raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r}, "
                               f"architectures={archs}); offload_rt runs Mixtral-family MoE models")
-    act = data.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{path}: unsupported hidden_act '{act}' (only 'silu')")
+    fields.check_hf_fields(data, path)
 
 
-def _checked(path: Path, **fields: Any) -> ModelConfig:
+def _checked(path: Path, **values: Any) -> ModelConfig:
     """ModelConfig's own consistency checks, with the file the values came from named."""
     try:
-        return ModelConfig(**fields)
+        return ModelConfig(**values)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def _token_id(data: dict[str, Any], key: str, default: int) -> int:
-    value = data.get(key, default)
-    if isinstance(value, list):  # generation configs may list several EOS ids
-        value = value[0] if value else default
-    return default if value is None else int(value)
-
-
 def config_from_hf(path: Path) -> ModelConfig:
     """Read an HF ``config.json`` of a Mixtral model."""
-    data = _read_json(path)
+    data = read_json(path)
     _hf_check_architecture(data, path)
     hidden = _require(data, "hidden_size", path)
     heads = _require(data, "num_attention_heads", path)
     head_dim = data.get("head_dim") or hidden // heads
-    max_pos = _require(data, "max_position_embeddings", path)
-    window = data.get("sliding_window")
-    if window:  # attention is full within the window: keep contexts inside it to stay exact
-        max_pos = min(max_pos, int(window))
     return _checked(
         path,
         hidden_size=hidden,
@@ -141,20 +141,23 @@ def config_from_hf(path: Path) -> ModelConfig:
         vocab_size=_require(data, "vocab_size", path),
         rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)),
         rope_theta=_hf_rope_theta(data, path),
-        max_seq_len=int(max_pos),
+        max_seq_len=_require(data, "max_position_embeddings", path),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        bos_token_id=_token_id(data, "bos_token_id", 1),
-        eos_token_id=_token_id(data, "eos_token_id", 2),
+        sliding_window=fields.sliding_window(data, path, ("sliding_window",)),
+        eos_token_ids=fields.token_ids(data, "eos_token_id", path, (2,)),  # MixtralConfig's 2
+        dtype=fields.declared_dtype(data, path),
+        max_seq_len_source=f"max_position_embeddings in {path}",
     )
 
 
 def config_from_mistral(path: Path) -> ModelConfig:
     """Read a Mistral-native ``params.json`` (mistral-inference field names)."""
-    data = _read_json(path)
+    data = read_json(path)
     moe = data.get("moe")
     if not isinstance(moe, dict):
         raise CheckpointError(f"{path}: no 'moe' section: not a Mixture-of-Experts model "
                               "(offload_rt runs Mixtral-family MoE models)")
+    fields.check_mistral_fields(data, path)
     dim = _require(data, "dim", path)
     heads = _require(data, "n_heads", path)
     return _checked(
@@ -170,5 +173,10 @@ def config_from_mistral(path: Path) -> ModelConfig:
         vocab_size=_require(data, "vocab_size", path),
         rms_norm_eps=float(data.get("norm_eps", 1e-5)),
         rope_theta=float(data.get("rope_theta", 1e6)),
-        max_seq_len=int(data.get("max_seq_len", MISTRAL_DEFAULT_CONTEXT)),
+        max_seq_len=_require(data, "max_seq_len", path) if "max_seq_len" in data
+        else MISTRAL_DEFAULT_CONTEXT,
+        sliding_window=fields.sliding_window(data, path, ("sliding_window", "_sliding_window")),
+        eos_token_ids=(),  # mistral-inference stops at the tokenizer's EOS
+        max_seq_len_source=f"max_seq_len in {path}" if "max_seq_len" in data else
+        f"{path} gives no max_seq_len: Mixtral's {MISTRAL_DEFAULT_CONTEXT}",
     )

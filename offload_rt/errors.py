@@ -12,7 +12,11 @@ class CheckpointError(OffloadError):
 
 
 class TokenizerError(OffloadError):
-    """The tokenizer file is missing or unreadable."""
+    """The tokenizer file is missing, unreadable, or does not fit the model's vocabulary."""
+
+
+class TokenIdError(TokenizerError, ValueError):
+    """A token id the tokenizer has no piece for (also a ValueError: a bad argument value)."""
 
 
 class OptionError(OffloadError):
@@ -31,5 +35,15 @@ class BusyError(OffloadError):
     """A generation is already running on this runtime."""
 
 
+class NumericalError(OffloadError):
+    """The model produced NaN or infinite logits (overflow in the compute dtype, bad weights)."""
+
+
 class LoaderError(OffloadError):
     """A background expert load failed; the original exception is chained."""
+
+
+class PolicyError(OffloadError):
+    """A cache policy (user code) raised in one of its hooks, or broke the policy contract
+    (e.g. chose a victim that was not a candidate); names the policy class and the hook. The
+    original exception is chained; the cache was left consistent."""

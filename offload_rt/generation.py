@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 
 from offload_rt.errors import ContextLengthError, OptionError
-from offload_rt.sampling import Sampler, SamplingConfig
+from offload_rt.sampling import Sampler, SamplingConfig, check_finite
+from offload_rt.stop_strings import StopStringFilter
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,27 @@ class TextChunk:
     token_ids: list[int]
 
 
-def _check_prompt(model: CausalLM, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+EosIds = int | Collection[int] | None  # one id, several (any of them stops), or none
+
+
+def _check_prompt(model: CausalLM, prompt_ids: Sequence[int], config: GenerationConfig,
+                  max_seq_len_source: str) -> None:
     if len(prompt_ids) == 0:
         raise OptionError("prompt_ids is empty; generation needs at least one prompt token")
     needed = len(prompt_ids) + config.max_new_tokens
     if needed > model.max_seq_len:
+        source = f" ({max_seq_len_source})" if max_seq_len_source else ""
         raise ContextLengthError(
             f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} = "
-            f"{needed} exceeds the model's context length (max_seq_len) of {model.max_seq_len}; "
+            f"{needed} exceeds the context length (max_seq_len) of {model.max_seq_len}{source}; "
             "shorten the prompt or lower max_new_tokens"
         )
+
+
+def _stop_ids(eos_id: EosIds) -> frozenset[int]:
+    if eos_id is None:
+        return frozenset()
+    return frozenset([eos_id]) if isinstance(eos_id, int) else frozenset(eos_id)
 
 
 def _log_finish(result: GenerationResult) -> None:
@@ -130,14 +142,15 @@ class TokenStream(Iterator[int]):
         prompt_ids: Sequence[int],
         config: GenerationConfig,
         *,
-        eos_id: int | None,
+        eos_id: EosIds,
         cancel: threading.Event | None = None,
+        max_seq_len_source: str = "",
     ) -> None:
-        _check_prompt(model, prompt_ids, config)
+        _check_prompt(model, prompt_ids, config, max_seq_len_source)
         self.result = GenerationResult(prompt_tokens=len(prompt_ids))
         self._model = model
         self._config = config
-        self._stop_id = None if config.ignore_eos else eos_id
+        self._stop_ids = frozenset() if config.ignore_eos else _stop_ids(eos_id)
         self._cancel = cancel
         self._ids = self._run(torch.tensor(list(prompt_ids), dtype=torch.long))
 
@@ -160,9 +173,11 @@ class TokenStream(Iterator[int]):
                 self._model.reset()
             with torch.inference_mode():
                 logits = self._model.forward(inputs, pos)  # [T, vocab]
+            # NaN/inf -> NumericalError; dtype is optional (the runtime's model names it)
+            check_finite(logits[-1], step, getattr(self._model, "dtype", None))
             token = sampler.sample(logits[-1])
             self._record_time(step, time.perf_counter() - start)
-            if token == self._stop_id:
+            if token in self._stop_ids:
                 self._finish("eos")
                 return
             self.result.token_ids.append(token)
@@ -188,51 +203,19 @@ def generate_ids(
     prompt_ids: Sequence[int],
     config: GenerationConfig,
     *,
-    eos_id: int | None,
+    eos_id: EosIds,
     cancel: threading.Event | None = None,
+    max_seq_len_source: str = "",
 ) -> TokenStream:
     """Generate token ids after `prompt_ids`; read `.result` on the returned stream afterwards.
 
-    Stops at EOS (not yielded) unless config.ignore_eos, after max_new_tokens, or once `cancel`
-    is set (checked before each forward pass, so at most one more token follows).
+    Stops at EOS (any of `eos_id`'s ids; not yielded) unless config.ignore_eos, after
+    max_new_tokens, or once `cancel` is set (checked before each forward pass, so at most one
+    more token follows). `max_seq_len_source` says, in a ContextLengthError, where the
+    model's max_seq_len comes from and how to raise it.
     """
-    return TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel)
-
-
-class StopStringFilter:
-    """Holds back text that might begin a stop string until the next text settles it.
-
-    Invariant: a stop string never starts inside text already released, because any suffix of
-    the buffer that is a prefix of a stop string is kept back.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(stops)
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was found). After True, stop."""
-        buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self._held = ""
-            return buf[:cut], True
-        keep = self._partial_match_len(buf)
-        self._held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        """Release held text at the end of generation: it never became a stop string."""
-        held, self._held = self._held, ""
-        return held
-
-    def _partial_match_len(self, buf: str) -> int:
-        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
-        longest = max((len(s) for s in self._stops), default=1)
-        for n in range(min(len(buf), longest - 1), 0, -1):
-            if any(s.startswith(buf[-n:]) for s in self._stops):
-                return n
-        return 0
+    return TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel,
+                       max_seq_len_source=max_seq_len_source)
 
 
 class TextStream(Iterator[str]):
@@ -300,13 +283,15 @@ def stream_text(
     config: GenerationConfig,
     decoder: TextDecoder,
     *,
-    eos_id: int | None,
+    eos_id: EosIds,
     cancel: threading.Event | None = None,
+    max_seq_len_source: str = "",
 ) -> TextStream:
     """Generate text after `prompt_ids`, stopping at EOS, length, cancel or a stop string.
 
     Text that might be the start of a stop string is held until disambiguated; the stop string
     itself is never emitted. Read `.result` on the returned stream afterwards.
     """
-    tokens = TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel)
+    tokens = TokenStream(model, prompt_ids, config, eos_id=eos_id, cancel=cancel,
+                         max_seq_len_source=max_seq_len_source)
     return TextStream(tokens, decoder, config.stop)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cache_policies import policy_class
+from offload_rt.engine.sizes import AUTO
 from offload_rt.errors import OptionError
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ class RuntimeOptions:
 
     ``offload``: None = offload only when the experts do not fit the budget, True = always run
     through the expert cache, False = keep every expert resident.
+
+    Options that contradict each other raise ``OptionError`` naming both (``check_combination``);
+    a budget of 'auto' means exactly what leaving it out (None) means.
     """
 
     device: str = "cpu"
@@ -60,6 +64,21 @@ class RuntimeOptions:
                               "(offload-rt simulate), not live")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """``OptionError`` for options that would silently override or ignore each other."""
+        if self.cache_experts is not None and self.offload is False:
+            raise OptionError(
+                f"--cache-experts {self.cache_experts} and --no-offload contradict each other "
+                f"(cache_experts={self.cache_experts}, offload=False): --cache-experts sizes "
+                "the offloaded expert cache, --no-offload keeps every expert resident; "
+                "drop one")
+        if budget_given(self.gpu_memory) and self.device == "cpu":
+            raise OptionError(
+                f"--gpu-memory {self.gpu_memory} has no effect with --device cpu "
+                f"(gpu_memory={self.gpu_memory!r}, device='cpu'): a CPU run has one budget, "
+                "--cpu-memory; drop --gpu-memory or use --device cuda")
 
     def torch_device(self) -> torch.device:
         import torch
@@ -74,3 +93,8 @@ class RuntimeOptions:
         import torch
 
         return getattr(torch, DTYPES[self.dtype]) if self.dtype else file_dtype
+
+
+def budget_given(size: str | int | None) -> bool:
+    """True for a budget the user sized; False for None and 'auto' (measure what is free)."""
+    return size is not None and not (isinstance(size, str) and size.strip().lower() == AUTO)

@@ -13,44 +13,30 @@ from typing import Any
 import torch
 
 from cache_policies import make_policy
-from offload_rt.chat_template import encode_chat
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.chunked_lm import ChunkedLM, IdDecoder
+from offload_rt.context import choose_context
+from offload_rt.demo import demo_model_dir, demo_options
 from offload_rt.engine.assemble import build_offloaded
-from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
 from offload_rt.engine.offloaded import OffloadedExperts
+from offload_rt.engine.out_of_memory import is_out_of_memory, out_of_memory_error
 from offload_rt.engine.resident import load_resident
-from offload_rt.engine.sizes import format_size, parse_size
+from offload_rt.engine.sizes import format_size
 from offload_rt.engine.stats import EngineStats
 from offload_rt.errors import BusyError, OptionError
 from offload_rt.generation import GenerationConfig, GenerationResult, stream_text
+from offload_rt.generation_config import read_generation_config
 from offload_rt.model.build import Progress, build_trunk
 from offload_rt.model.experts import ExpertProvider
-from offload_rt.model.transformer import Transformer
 from offload_rt.options import RuntimeOptions
+from offload_rt.prompt import check_ids, encode_messages, encode_text
+from offload_rt.runtime_plan import plan_runtime
 from offload_rt.sampling import SamplingConfig
 from offload_rt.stream_decoder import StreamDecoder
+from offload_rt.tensor_names import MISTRAL
 from offload_rt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-DEFAULT_CONTEXT = 4096
-
-
-class _ChunkedLM:
-    """The generation loop's model: prefill in chunks (bounded work memory), last logits only."""
-
-    def __init__(self, model: Transformer, chunk: int) -> None:
-        self.model, self.chunk = model, chunk
-        self.max_seq_len = model.max_seq_len
-
-    def reset(self) -> None:
-        self.model.reset()
-
-    def forward(self, token_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        logits = None
-        for i in range(0, token_ids.shape[0], self.chunk):
-            logits = self.model(token_ids[i:i + self.chunk], start_pos + i, last_only=True)
-        assert logits is not None
-        return logits
 
 
 @dataclass
@@ -72,33 +58,48 @@ class Runtime:
         self.checkpoint, self.options, self.tokenizer = ckpt, options, tokenizer
         self.config = ckpt.config
         self.device = options.torch_device()
-        self.dtype = options.torch_dtype(ckpt.dtype)
-        self.max_seq_len = min(options.max_seq_len or DEFAULT_CONTEXT, self.config.max_seq_len)
+        self.dtype = options.torch_dtype(self._default_dtype())
+        context = choose_context(self.config, options.max_seq_len)
+        self.max_seq_len, self.max_seq_len_source = context.max_seq_len, context.source
+        self.generation_defaults = read_generation_config(ckpt.model_dir)
+        self.eos_token_ids = (self.generation_defaults.eos_token_ids or self.config.eos_token_ids
+                              or (tokenizer.eos_id if tokenizer else 2,))
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._closed = False
         self.last_result: GenerationResult | None = None
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
-        self.plan = self._plan()
-        self.model = build_trunk(ckpt, self.dtype, self.device, progress)
-        self.experts = self._experts(progress)
-        self.model.attach(self.experts, self.max_seq_len)
+        self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
+                                 file_dtype=ckpt.dtype)
+        self.model = self.experts = None  # type: ignore[assignment]
+        stage = "trunk"
+        try:  # a failure frees what was built (prefetch thread, slots, files), then is raised
+            self.model = build_trunk(ckpt, self.dtype, self.device, progress)
+            stage = "experts"
+            self.experts = self._experts(progress)
+            stage = "kv_cache"
+            self.model.attach(self.experts, self.max_seq_len)
+        except BaseException as exc:
+            self._free_if_idle()
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory_error(exc.with_traceback(None), stage, self.plan, self.config,
+                                      device=self.device, dtype=self.dtype,
+                                      offloaded=self.offloaded) from exc
 
     # ---- set-up -----------------------------------------------------------------------------
-    def _plan(self) -> MemoryPlan:
-        o, cfg = self.options, self.config
-        if o.cache_experts is not None and not cfg.top_k <= o.cache_experts <= cfg.num_experts:
-            raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
-                              f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
-        fp = footprint(cfg, self.dtype, self.max_seq_len, o.prefill_chunk)
-        gpu = parse_size(o.gpu_memory, "--gpu-memory")
-        cpu = parse_size(o.cpu_memory, "--cpu-memory")
-        on_gpu = self.device.type == "cuda"
-        return plan_memory(cfg, fp, self.device, device_budget=gpu if on_gpu else cpu,
-                           host_budget=cpu if on_gpu else None,
-                           cache_experts=o.cache_experts,
-                           per_layer={"layer": True, "global": False}.get(o.pool))
+    def _default_dtype(self) -> torch.dtype:
+        """config.json's dtype (transformers' default dtype="auto" computes in it), else the
+        weights' dtype."""
+        declared, weights = self.config.dtype, self.checkpoint.dtype
+        if declared is None or getattr(torch, declared) == weights:
+            return weights
+        if self.options.dtype is None:
+            log.warning("%s/config.json declares dtype %s but the weights are %s: computing in "
+                        "%s, as transformers does; --dtype picks another", self.checkpoint.model_dir,
+                        declared, str(weights).removeprefix("torch."), declared)
+        return getattr(torch, declared)
 
     @property
     def offloaded(self) -> bool:
@@ -124,41 +125,48 @@ class Runtime:
     # ---- generation -------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, *,
                messages: Sequence[Mapping[str, str]] | None = None) -> list[int]:
-        """Prompt ids: raw text (BOS + sentencepiece), given ids, or a chat (template)."""
+        """Prompt ids: raw text (BOS + sentencepiece), given ids, or a chat (template).
+
+        OptionError for text that is not valid Unicode or ids outside the model's vocabulary
+        (``offload_rt.prompt``)."""
         if (prompt is None) == (messages is None):
             raise OptionError("give exactly one of prompt= or messages=")
         if messages is not None:
-            return encode_chat(self._tok(), messages)
+            return encode_messages(self._tok(), messages)
         if isinstance(prompt, str):
-            return self._tok().encode(prompt, bos=True)
-        ids = [int(t) for t in prompt]  # type: ignore[union-attr]
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise OptionError(f"prompt token ids {bad[:5]} are outside the vocabulary "
-                              f"(0..{self.config.vocab_size - 1})")
-        return ids
+            return encode_text(self._tok(), prompt)
+        return check_ids(prompt, self.config.vocab_size)
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
             raise OptionError(f"{self.checkpoint.model_dir}: no tokenizer.model; pass token ids")
         return self.tokenizer
 
+    def _never_sampled(self) -> list[int]:
+        """Padding ids (``Tokenizer.padding_ids``: no text) except the EOS ids, which stop."""
+        padding = self.tokenizer.padding_ids if self.tokenizer else range(0)
+        return [i for i in padding if i not in self.eos_token_ids]
+
     def stream(self, prompt: str | Sequence[int] | None = None, *,
-               messages: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 128,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None, stop: Sequence[str] = (),
-               ignore_eos: bool = False) -> Iterator[str]:
-        """Yield text pieces as they are generated. ``self.last_result`` holds ids and timing."""
+               messages: Sequence[Mapping[str, str]] | None = None,
+               max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[str]:
+        """Yield text pieces as they are generated. ``self.last_result`` holds ids and timing.
+
+        A parameter left None takes the model's default (``generation_config.json``, see
+        ``self.generation_defaults``), else: 128 new tokens, greedy, no stop strings."""
         ids, config = self._request(prompt, messages, max_new_tokens, temperature, top_k, top_p,
                                     seed, stop, ignore_eos)
         return self._stream(ids, config, None)
 
     def generate(self, prompt: str | Sequence[int] | None = None, *,
-                 messages: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> Output:
-        """Run to completion; returns text, ids, finish reason and statistics."""
+                 messages: Sequence[Mapping[str, str]] | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Output:
+        """Run to completion; returns text, ids, finish reason and statistics. Defaults as
+        ``stream``'s."""
         start = time.perf_counter()
         ids, config = self._request(prompt, messages, max_new_tokens, temperature, top_k, top_p,
                                     seed, stop, ignore_eos)
@@ -173,14 +181,17 @@ class Runtime:
         return Output(text, list(ids), token_ids, finish_reason, stats)
 
     def _request(self, prompt: str | Sequence[int] | None,
-                 messages: Sequence[Mapping[str, str]] | None, max_new_tokens: int,
-                 temperature: float, top_k: int, top_p: float, seed: int | None,
-                 stop: Sequence[str], ignore_eos: bool) -> tuple[list[int], GenerationConfig]:
+                 messages: Sequence[Mapping[str, str]] | None, max_new_tokens: int | None,
+                 temperature: float | None, top_k: int | None, top_p: float | None,
+                 seed: int | None, stop: Sequence[str] | None, ignore_eos: bool
+                 ) -> tuple[list[int], GenerationConfig]:
         self._check_open()
         ids = self.encode(prompt, messages=messages)
-        return ids, GenerationConfig(max_new_tokens=max_new_tokens, stop=tuple(stop),
-                                     ignore_eos=ignore_eos,
-                                     sampling=SamplingConfig(temperature, top_k, top_p, seed))
+        d = self.generation_defaults
+        sampling = SamplingConfig(*d.sampling(temperature, top_k, top_p), seed)
+        return ids, GenerationConfig(max_new_tokens=d.new_tokens(max_new_tokens, len(ids)),
+                                     stop=d.stops(stop), ignore_eos=ignore_eos,
+                                     sampling=sampling)
 
     def _stream(self, ids: list[int], config: GenerationConfig,
                 on_done: Callable[[GenerationResult], None] | None) -> Iterator[str]:
@@ -194,10 +205,12 @@ class Runtime:
             self.last_prompt_ids = ids  # set under the lock: a refused call keeps its hands off
             self._cancel.clear()
             self.stats.reset()
-            decoder = StreamDecoder(self._tok()) if self.tokenizer else _IdDecoder()
-            text_stream = stream_text(_ChunkedLM(self.model, self.options.prefill_chunk), ids,
-                                      config, decoder, eos_id=self.config.eos_token_id,
-                                      cancel=self._cancel)
+            decoder = StreamDecoder(self._tok()) if self.tokenizer else IdDecoder()
+            text_stream = stream_text(ChunkedLM(self.model, self.options.prefill_chunk,
+                                                 self._never_sampled()), ids,
+                                      config, decoder, eos_id=self.eos_token_ids,
+                                      cancel=self._cancel,
+                                      max_seq_len_source=self.max_seq_len_source)
             self.last_result = text_stream.result
             yield from text_stream
             if on_done is not None:
@@ -253,6 +266,7 @@ class Runtime:
                 self.experts.close()
             self.experts = None  # type: ignore[assignment]
             self.model = None  # type: ignore[assignment]
+            self.checkpoint.close()  # the weight files' descriptors (after any read in flight)
         finally:
             self._busy.release()
 
@@ -263,27 +277,30 @@ class Runtime:
         self.close()
 
 
-class _IdDecoder:
-    """Stands in for a tokenizer-less model: text is empty, ids are still returned."""
-
-    def push(self, token_id: int) -> str:
-        return ""
-
-    def flush(self) -> str:
-        return ""
-
-
-def load(model_dir: str | Path, *, progress: Progress | None = None, **options: Any) -> Runtime:
+def load(model_dir: str | Path | None = None, *, progress: Progress | None = None,
+         **options: Any) -> Runtime:
     """Open, validate and load a model folder. Options: see ``RuntimeOptions``.
 
+    ``model_dir=None``: the shipped demo model, caching 4 of its 8 experts per layer unless the
+    options size the cache (``offload_rt.demo.demo_options``), as the command line does.
     ``progress(done, total)`` is called as weights are read (the CLI draws a bar with it).
     """
+    if model_dir is None:
+        model_dir, options = demo_model_dir(), demo_options(options)
     ckpt = Checkpoint.open(model_dir)
-    tok_path = Path(ckpt.model_dir)
-    tokenizer = Tokenizer.from_model_dir(tok_path) if any(
-        tok_path.glob("tokenizer.model*")) else None
+    tokenizer = _fitted_tokenizer(ckpt)
     known = RuntimeOptions.__dataclass_fields__
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known: {sorted(known)}")
     return Runtime(ckpt, RuntimeOptions(**options), tokenizer, progress)
+
+
+def _fitted_tokenizer(ckpt: Checkpoint) -> Tokenizer | None:
+    """The folder's tokenizer checked against the model's vocabulary (``fit_to_model``), or
+    None for a folder without one (prompts are then token ids)."""
+    if not any(ckpt.model_dir.glob("tokenizer.model*")):
+        return None
+    config_file = ckpt.model_dir / ("params.json" if ckpt.layout == MISTRAL else "config.json")
+    return Tokenizer.from_model_dir(ckpt.model_dir).fit_to_model(ckpt.config.vocab_size,
+                                                                 config_file)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from offload_rt.direct_io import read_range
 from offload_rt.errors import CheckpointError
+from offload_rt.weight_file import WeightFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -29,7 +31,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, absolute byte offset, byte count, dtype and shape."""
+    """Where one tensor lives: file, absolute byte offset, byte count, dtype and shape.
+    ``file``: the open file its header was read from; reads go there (``WeightFile``)."""
 
     name: str
     path: Path
@@ -37,6 +40,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    file: WeightFile | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -50,12 +54,17 @@ def _bad(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: {why}")
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
+def _parse_entry(file: WeightFile, name: str, entry: object, data_start: int,
+                 data_len: int) -> TensorInfo:
+    path = file.path
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise _bad(path, f"corrupted header: entry for tensor '{name}' lacks dtype/shape/offsets")
     dtype = DTYPES.get(entry["dtype"])
     if dtype is None:
-        raise _bad(path, f"tensor '{name}' has unsupported dtype {entry['dtype']!r}")
+        quantized = str(entry["dtype"]).startswith(("F8", "F6", "F4"))  # fp8/fp6/fp4 formats
+        hint = (": a quantized checkpoint, which is not supported; offload_rt reads "
+                "float32/bfloat16/float16 safetensors") if quantized else ""
+        raise _bad(path, f"tensor '{name}' has unsupported dtype {entry['dtype']!r}{hint}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
             or not isinstance(offsets, list) or len(offsets) != 2
@@ -72,22 +81,29 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_len
     if end > data_len:
         raise _bad(path, f"truncated file: tensor '{name}' ends at data byte {end} but the file "
                          f"holds only {data_len} data bytes")
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin, file)
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate the header of ``path``; every tensor's range must lie in the file."""
+def _pread(file: WeightFile, nbytes: int, offset: int) -> bytes:
+    data = os.pread(file.descriptor(), nbytes, offset)
+    if len(data) < nbytes:  # a file still being written, or cut meanwhile
+        raise _bad(file.path, f"truncated file: {file.size} bytes, but only {offset + len(data)}"
+                              " could be read")
+    return data
+
+
+def read_header(file: WeightFile) -> dict[str, TensorInfo]:
+    """Parse and validate the header of the open ``file``; every tensor's range must lie in
+    the file. Its ``TensorInfo``s read from ``file`` later on."""
+    path, size = file.path, file.size
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise _bad(path, f"truncated file: {size} bytes, not a safetensors file")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-                raise _bad(path, f"corrupted or truncated header: declares {hlen} header bytes "
-                                 f"but the file has {size} bytes")
-            raw = f.read(hlen)
+        if size < 8:
+            raise _bad(path, f"truncated file: {size} bytes, not a safetensors file")
+        (hlen,) = struct.unpack("<Q", _pread(file, 8, 0))
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            raise _bad(path, f"corrupted or truncated header: declares {hlen} header bytes "
+                             f"but the file has {size} bytes")
+        raw = _pread(file, hlen, 8)
     except OSError as exc:
         raise _bad(path, f"cannot read: {exc}") from exc
     try:
@@ -98,7 +114,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise _bad(path, "corrupted header: not a JSON object")
     header.pop("__metadata__", None)
     data_start = 8 + hlen
-    return {name: _parse_entry(path, name, entry, data_start, size - data_start)
+    return {name: _parse_entry(file, name, entry, data_start, size - data_start)
             for name, entry in header.items()}
 
 
@@ -121,7 +137,8 @@ def read_into(info: TensorInfo, out: torch.Tensor, *, drop_page_cache: bool = Fa
     if len(view) != info.nbytes:
         raise ValueError(f"target holds {len(view)} bytes, tensor '{info.name}' has {info.nbytes}")
     try:
-        return read_range(info.path, info.offset, view, out.data_ptr(), direct=drop_page_cache)
+        return read_range(info.file or info.path, info.offset, view, out.data_ptr(),
+                          direct=drop_page_cache)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (tensor '{info.name}')") from exc
 

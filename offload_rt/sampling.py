@@ -1,4 +1,8 @@
-"""Pick the next token from a logits vector: greedy, or temperature / top-k / top-p sampling."""
+"""Pick the next token from a logits vector: greedy, or temperature / top-k / top-p sampling.
+
+`check_finite` refuses a vector with NaN or +inf first: greedy would pick id 0 (argmax of NaN)
+and sampling would fail inside torch.multinomial.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from offload_rt.errors import OptionError
+from offload_rt.errors import NumericalError, OptionError
+
+FLOAT16_MAX = 65504.0  # largest finite float16 (IEEE 754 binary16)
 
 
 @dataclass(frozen=True)
@@ -103,3 +109,28 @@ def _keep_top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return probs.masked_fill(drop, 0.0)
+
+
+def check_finite(logits: torch.Tensor, step: int, dtype: torch.dtype | None) -> None:
+    """NumericalError unless `logits` [vocab] has a finite maximum.
+
+    One reduction (`max` propagates NaN): NaN, +inf, or nothing but -inf fails; a -inf among
+    finite values is fine (masked ids carry it). `step` 0 is the prefill, N the N-th decode step;
+    `dtype` is the compute dtype (None: unknown), which decides the advice.
+    """
+    top = float(logits.max())
+    if math.isfinite(top):
+        return
+    found = "NaN" if math.isnan(top) else "+inf" if top > 0 else "only -inf"
+    where = "the prefill (prompt)" if step == 0 else f"decode step {step}"
+    name = "unknown" if dtype is None else str(dtype).removeprefix("torch.")
+    advice = []
+    if dtype is None or dtype == torch.float16:
+        advice.append(f"activations beyond {FLOAT16_MAX:g} overflow float16: run in a wider dtype, "
+                      "--dtype bfloat16 (same memory) or --dtype float32 (API: dtype=...)")
+    if dtype != torch.float16:
+        advice.append("the checkpoint's weights may be corrupt (NaN, inf or huge values): check "
+                      "its files against their published checksums")
+    message = (f"the model produced non-finite logits ({found}) at {where}, compute dtype "
+               f"{name}: " + "; or ".join(advice))
+    raise NumericalError(message)

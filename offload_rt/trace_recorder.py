@@ -144,7 +144,9 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
     offloaded = isinstance(experts, OffloadedExperts)
     return TraceHeader(
         num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
-        model=dataclasses.asdict(cfg), expert_bytes=rt.plan.footprint.expert,
+        model={k: list(v) if isinstance(v, tuple) else v  # as JSON reads it back
+               for k, v in dataclasses.asdict(cfg).items()},
+        expert_bytes=rt.plan.footprint.expert,
         policy=rt.options.policy if offloaded else None,
         capacity=experts.max_group(0) if offloaded else None,
         pool=("layer" if experts.per_layer else "global") if offloaded else None,

@@ -44,6 +44,7 @@ class TinySpec:
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 256
+    sliding_window: int | None = None  # None = full attention (config.json/params.json field)
     dtype: torch.dtype = torch.float32  # the dtype written to disk
     shards: int = 1  # 1 = one file; >1 = that many files plus (HF layout) an index
     seed: int = 0
@@ -103,6 +104,7 @@ def hf_config(spec: TinySpec) -> transformers.MixtralConfig:
         max_position_embeddings=spec.max_position_embeddings,
         rms_norm_eps=spec.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        sliding_window=spec.sliding_window,
     )
 
 
@@ -179,7 +181,8 @@ def to_mistral_names(hf: dict[str, torch.Tensor], spec: TinySpec) -> dict[str, t
 
 
 def mistral_params(spec: TinySpec) -> dict[str, object]:
-    """params.json as Mixtral's original release writes it."""
+    """params.json as Mixtral's original release writes it (plus sliding_window when set)."""
+    window = {} if spec.sliding_window is None else {"sliding_window": spec.sliding_window}
     return {
         "dim": spec.hidden_size,
         "n_layers": spec.num_layers,
@@ -191,6 +194,7 @@ def mistral_params(spec: TinySpec) -> dict[str, object]:
         "vocab_size": spec.vocab_size,
         "rope_theta": spec.rope_theta,
         "moe": {"num_experts": spec.num_experts, "num_experts_per_tok": spec.top_k},
+        **window,
     }
 
 

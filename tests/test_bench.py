@@ -104,4 +104,37 @@ def test_bench_command_json_and_summary(model_dir: Path,
 def test_bench_refuses_degenerate_settings(model_dir: Path, flag: str,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", str(model_dir), flag]) == 2
-    assert "bench needs" in capsys.readouterr().err
+    assert f"argument {flag.split('=')[0]}: must be >=" in capsys.readouterr().err
+
+
+def test_bench_reports_peak_rss_next_to_the_process_baseline(
+        model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", str(model_dir), "--prompt-tokens", "6", "--new-tokens", "3",
+            "--repeats", "1", "--cache-experts", "2", "--cpu-memory", "64MiB"]
+    assert main([*args, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 < r["process_baseline_rss_bytes"] <= r["peak_rss_bytes"]
+    assert r["memory_budget_bytes"] == 64 * 2**20
+    assert 0 < r["memory_planned_bytes"] <= r["memory_budget_bytes"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("memory"))
+    assert "peak RSS" in line and "process baseline" in line and "64.0 MiB --cpu-memory budget" in line
+    with offload_rt.load(model_dir, cache_experts=2) as rt:  # the API: no baseline was taken
+        r = run_bench(rt, prompt_tokens=4, new_tokens=2, repeats=1)
+    assert r["process_baseline_rss_bytes"] is None and r["peak_rss_bytes"] > 0
+
+
+def test_bench_decodes_greedily_whatever_the_model_samples_by_default(
+        tmp_path: Path) -> None:
+    """A model whose generation_config.json says do_sample must still be benchmarked greedily:
+    the same tokens every run, the tokens a greedy generate gives."""
+    model = make_hf_checkpoint(tmp_path, SPEC)
+    (model / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 1.5, "top_p": 1.0, "top_k": 0}))
+    with offload_rt.load(model, cache_experts=2, prefetch=0) as rt:
+        result = run_bench(rt, prompt_tokens=8, new_tokens=12, repeats=2, seed=3)
+        greedy = rt.generate(bench_prompt(SPEC.vocab_size, 8, 3), max_new_tokens=12,
+                             ignore_eos=True, temperature=0.0).token_ids
+    assert result["same_tokens_every_run"]
+    assert result["token_ids"] == greedy

@@ -204,3 +204,68 @@ def test_question_longer_than_the_context_raises(short_rt: Runtime) -> None:
 def test_answer_budget_must_leave_room_for_a_question(short_rt: Runtime) -> None:
     with pytest.raises(ContextLengthError, match="max_new_tokens 64 leaves no room"):
         ChatSession(short_rt, max_new_tokens=CONTEXT)
+
+
+def test_trimming_calls_on_trim_with_the_exchanges_dropped(short_rt: Runtime) -> None:
+    dropped: list[int] = []
+    session = ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY, on_trim=dropped.append)
+    for i in range(8):
+        "".join(session.reply(f"Tell me something about the number {i}, please."))
+        assert sum(dropped) == i + 1 - len(session.history) // 2  # every drop was reported
+    assert dropped and all(n >= 1 for n in dropped)
+
+
+def test_cancelled_answer_is_left_out_of_the_history(short_rt: Runtime) -> None:
+    session = ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY)
+    first = "".join(session.reply("hi"))
+    before = list(session.history)
+    pieces = []
+    for piece in session.reply("bye"):
+        pieces.append(piece)
+        short_rt.cancel()  # as Ctrl-C does: the runtime stops before its next token
+    assert len(pieces) == 1 and short_rt.last_result.finish_reason == "cancelled"
+    assert session.history == before
+    fresh = ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY)
+    assert ["".join(fresh.reply(q)) for q in ("hi", "bye")] == [first, "".join(session.reply("bye"))]
+
+
+# ---- the CLI loop: commands, notices, refused lines ---------------------------------------------
+
+
+def test_unknown_command_says_so_and_double_slash_sends_a_question(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        model_dir: Path, short_rt: Runtime) -> None:
+    code, out, err = chat_in_process(monkeypatch, capsys, model_dir, "/foo bar\n//hello\n",
+                                     "--max-new-tokens", "6")
+    assert code == 0, err
+    expected = "".join(ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY).reply("/hello"))
+    assert out == ("unknown command /foo; commands: /reset (forget the conversation), /stats, "
+                   f"/help, /exit\n{expected}\n")
+
+
+def test_context_full_notice_on_stderr(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str], model_dir: Path,
+                                       short_rt: Runtime) -> None:
+    questions = [f"Tell me something about the number {i}, please." for i in range(8)]
+    dropped: list[int] = []
+    session = ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY, on_trim=dropped.append)
+    for q in questions:
+        "".join(session.reply(q))
+    code, _, err = chat_in_process(monkeypatch, capsys, model_dir, "\n".join(questions) + "\n",
+                                   "--max-new-tokens", "6", "--max-seq-len", str(CONTEXT))
+    assert code == 0, err
+    notices = re.findall(r"\(context full: dropped the (?:(\d+) )?oldest exchanges?\)", err)
+    assert [int(n or 1) for n in notices] == dropped  # once per trimming, with its count
+    assert dropped
+
+
+def test_invalid_utf8_line_is_refused_and_the_chat_goes_on(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        model_dir: Path, short_rt: Runtime) -> None:
+    bad = b"caf\xe9\n".decode("utf-8", "surrogateescape")  # latin-1 bytes, as stdin decodes them
+    code, out, err = chat_in_process(monkeypatch, capsys, model_dir, f"{bad}hello\n",
+                                     "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "(not sent: line 1 of stdin: not valid UTF-8 text: byte 0xe9 at byte offset 3" in err
+    expected = "".join(ChatSession(short_rt, max_new_tokens=6, sampling=GREEDY).reply("hello"))
+    assert out == expected + "\n"

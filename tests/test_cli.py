@@ -160,7 +160,6 @@ def test_text_mode_streams_text_and_summarizes(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(("argv", "needle"), [
     (("--cpu-memory", "abc"), "--cpu-memory"),
     (("--max-seq-len", "4", "--max-new-tokens", "8"), "context length"),
-    (("--max-new-tokens", "0"), "max_new_tokens"),
     (("--chat", "--prompt-ids", "1,2"), "--chat"),
     (("--cache-experts", "99"), "--cache-experts"),
 ])
@@ -188,6 +187,7 @@ def test_missing_model_dir_names_the_path(capsys: pytest.CaptureFixture[str],
     (("--prompt-ids", "1,x"), "comma-separated"),
     (("--prompt", "x", "--dtype", "float8"), "invalid choice"),
     (("--prompt", "x", "--prompt-ids", "1"), "not allowed with"),
+    (("--prompt", "x", "--max-new-tokens", "0"), "argument --max-new-tokens: must be >= 1"),
     ((), "one of the arguments --prompt --prompt-ids is required"),
 ])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], model_dir: Path,

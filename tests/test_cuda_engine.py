@@ -140,7 +140,8 @@ def test_offloaded_on_gpu_gives_the_cpu_resident_tokens(model_dir: Path,
                                                        cpu_reference: list[int], pool: str,
                                                        prefetch: int,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    fp = footprint(Checkpoint.open(model_dir).config, torch.float32, MAX_SEQ, 512)
+    fp = footprint(Checkpoint.open(model_dir).config, torch.float32, MAX_SEQ, 512,
+                   device_type="cuda")  # the work buffers the runtime plans on a GPU
     pools = SPEC.num_layers if pool == "layer" else 1
     gpu_budget = fp.fixed + SPEC.top_k * pools * fp.slot  # the least the GPU tier accepts
     host_budget = (SPEC.top_k + 3) * fp.slot + ALIGN  # fewer host slots than experts, too

@@ -1,21 +1,17 @@
-"""Budgets are promises: the cache never outgrows its slots, start-up refuses what cannot run,
-sizes parse strictly, RSS stays within the budget, and expert reads drop the page cache."""
+"""Budgets are promises: the cache never outgrows its slots, start-up refuses what cannot run
+(naming the minimum and what to shrink), sizes parse strictly, and expert reads drop the page
+cache. Peak RSS against the budget: tests/test_rss_budget.py; work buffers against measured
+forwards: tests/test_work_memory.py."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_factory import TinySpec, hf_config, hf_state_dict, make_hf_checkpoint
+from checkpoint_factory import TinySpec, make_hf_checkpoint
 from page_cache import cached_pages, evict
-from safetensors.torch import save_file
 
 import offload_rt
 from offload_rt.checkpoint import Checkpoint
@@ -128,6 +124,36 @@ def test_budget_below_minimum_is_refused_with_the_minimum(model_dir: Path, pool:
     assert "--cpu-memory" in str(info.value)
 
 
+HINT_CASES = {  # a model whose minimum is dominated by one part, and what the error advises
+    "KV cache": (TinySpec(num_layers=8, hidden_size=64, num_heads=4, num_kv_heads=4,
+                          max_position_embeddings=4096), 4096, 1, "global", "--max-seq-len"),
+    "work buffers": (SPEC, 256, 512, "global", "lower prefill_chunk"),
+    "expert slots": (TinySpec(num_layers=4, hidden_size=64, intermediate_size=1024,
+                              num_heads=4, num_kv_heads=2), 64, 16, "layer", "--pool global"),
+}
+
+
+@pytest.mark.parametrize("part", list(HINT_CASES))
+def test_refusal_names_the_largest_part_and_how_to_shrink_it(
+        tmp_path: Path, part: str) -> None:
+    spec, max_seq, chunk, pool, advice = HINT_CASES[part]
+    model_dir = make_hf_checkpoint(tmp_path, spec)
+    fp = footprint(Checkpoint.open(model_dir).config, torch.float32, max_seq, chunk)
+    pools = spec.num_layers if pool == "layer" else 1
+    slots = spec.top_k * pools * fp.slot
+    parts = {"trunk": fp.trunk, "KV cache": fp.kv_cache, "work buffers": fp.work,
+             "expert slots": slots}
+    assert max(parts, key=lambda k: parts[k]) == part  # the case is what it claims
+    minimum = fp.fixed + slots
+    with pytest.raises(BudgetError, match=rf"\b{minimum} bytes\b") as info:
+        offload_rt.load(model_dir, dtype="float32", cpu_memory=minimum - 1, pool=pool,
+                        max_seq_len=max_seq, prefill_chunk=chunk)
+    message = str(info.value)
+    assert f"the {part} (" in message and advice in message
+    if part == "expert slots":  # --max-seq-len was once advised whatever dominated
+        assert "--max-seq-len" not in message
+
+
 @pytest.mark.parametrize("pool", ["layer", "global"])
 def test_budget_at_minimum_loads_and_runs(model_dir: Path, resident_tokens: list[int],
                                           pool: str) -> None:
@@ -229,125 +255,17 @@ def test_bytes_from_disk_counts_file_bytes(tmp_path: Path) -> None:
     assert s["bytes_from_disk"] == s["misses"] * file_bytes
 
 
-# ---- RSS of a checkpoint several times larger than the budget ----------------------------------
-
-BIG = TinySpec(num_layers=4, hidden_size=512, intermediate_size=1536, num_heads=4,
-               num_kv_heads=1, head_dim=32, num_experts=8, top_k=2, seed=3)
-BIG_CHUNK = 16
-BIG_SLOTS = 3  # global pool: 3 experts of 9 MiB, against 32 in the checkpoint
-RSS_MARGIN = 40 * 2**20
-"""What the budget does not count: torch's CPU allocator and oneDNN/MKL GEMM scratch buffers,
-the prefetch thread's stack and malloc arena, Python objects of the runtime (measured: ~12 MiB
-beyond trunk + touched slots). The budget itself already over-counts by the 64 MiB work reserve,
-which tiny activations never use."""
-
-RSS_SCRIPT = '''
-import json, sys, threading, time
-import psutil, torch
-import offload_rt
-
-model_dir = sys.argv[1]
-budget, chunk, new_tokens = (int(a) for a in sys.argv[2:5])
-torch.set_num_threads(1)
-# build_trunk makes its modules on the meta device; the first meta-device init kernel lazily
-# imports ~800 Python modules (sympy, torch._refs, ...), ~75 MiB whatever the model. That is
-# import cost, not model memory: pay it before the baseline, and report it.
-proc = psutil.Process()
-before_meta = proc.memory_info().rss
-with torch.device("meta"):
-    torch.nn.Embedding(2, 2)
-
-
-def vm_hwm():
-    """The kernel's peak RSS of this process (VmHWM). Not ru_maxrss: Linux carries that over
-    from the parent across fork + exec, so under pytest it reports pytest's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-try:  # '5' resets VmHWM to the current RSS (Linux >= 4.0), so it is the peak from here on
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    hwm_reset = True
-except OSError:
-    hwm_reset = False
-base = proc.memory_info().rss
-peak = [base]
-stop = threading.Event()
-
-
-def sample():
-    while not stop.is_set():
-        peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.002)
-
-
-sampler = threading.Thread(target=sample, daemon=True)
-sampler.start()
-rt = offload_rt.load(model_dir, cpu_memory=budget, pool="global", prefill_chunk=chunk,
-                     max_seq_len=64)
-out = rt.generate(list(range(1, 17)), max_new_tokens=new_tokens, ignore_eos=True)
-stop.set()
-sampler.join()
-peak[0] = max(peak[0], proc.memory_info().rss)
-print(json.dumps({
-    "meta_import": base - before_meta, "base": base, "peak_sampled": peak[0],
-    "vm_hwm": vm_hwm(), "hwm_reset": hwm_reset,
-    "offloaded": rt.offloaded, "slot_bytes": rt.experts.device.slots.nbytes,
-    "tokens": len(out.token_ids), "bytes_from_disk": out.stats["bytes_from_disk"],
-}))
-'''
-
-
-def write_big_checkpoint(out_dir: Path, spec: TinySpec) -> Path:
-    """The HF layout of ``spec`` without building the model in RAM: names and shapes come
-    from a meta-device MixtralForCausalLM, values from a seeded generator at unit-ish scale
-    (as checkpoint_factory draws them). Seconds instead of a full transformers init."""
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.MixtralForCausalLM(hf_config(spec))
-    gen = torch.Generator().manual_seed(spec.seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, meta in hf_state_dict(model).items():
-        t = torch.empty(meta.shape).normal_(generator=gen)
-        if t.dim() == 1:
-            t = 1.0 + 0.1 * t
-        elif not name.endswith("embed_tokens.weight"):
-            t /= math.sqrt(t.shape[-1])
-        tensors[name] = t
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out_dir / "model.safetensors", {"format": "pt"})
-    hf_config(spec).save_pretrained(out_dir)
-    return out_dir
-
-
-def test_rss_growth_stays_within_the_budget(tmp_path: Path) -> None:
-    model_dir = write_big_checkpoint(tmp_path / "big", BIG)
-    checkpoint_bytes = (model_dir / "model.safetensors").stat().st_size
-    fp = footprint(Checkpoint.open(model_dir).config, torch.float32, MAX_SEQ, BIG_CHUNK)
-    budget = fp.fixed + BIG_SLOTS * fp.slot
-    assert checkpoint_bytes >= 3 * budget  # the whole model cannot be what we measure
-    script = tmp_path / "rss_probe.py"
-    script.write_text(textwrap.dedent(RSS_SCRIPT))
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), str(budget),
-                           str(BIG_CHUNK), str(NEW_TOKENS)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    # VmHWM is exact when it could be reset at the baseline, else it includes start-up peaks
-    # (conservative); the 2 ms sampler backs it up where /proc is not there.
-    growth = max(r["peak_sampled"], r["vm_hwm"]) - r["base"]
-    mib = 2**20
-    report = (f"checkpoint {checkpoint_bytes / mib:.0f} MiB, budget {budget / mib:.1f} MiB "
-              f"(fixed {fp.fixed / mib:.1f}, slots {r['slot_bytes'] / mib:.1f}), peak RSS growth "
-              f"{growth / mib:.1f} MiB (+{r['meta_import'] / mib:.1f} MiB of lazy imports "
-              f"before the baseline; VmHWM reset: {r['hwm_reset']}), "
-              f"read {r['bytes_from_disk'] / mib:.0f} MiB from disk")
-    print(report)
-    assert r["offloaded"] and r["tokens"] == NEW_TOKENS
-    assert r["slot_bytes"] == BIG_SLOTS * fp.slot + ALIGN
-    assert r["bytes_from_disk"] > checkpoint_bytes  # experts really were streamed, repeatedly
-    assert growth <= budget + RSS_MARGIN, report
+def test_refusal_with_a_sliding_window_says_the_cache_stops_at_the_window(
+        tmp_path: Path) -> None:
+    """A rolling KV cache holds at most the window: lowering --max-seq-len only helps below it,
+    and the advice says so (it used to say the cache grows with every position)."""
+    spec = TinySpec(num_layers=8, hidden_size=64, num_heads=4, num_kv_heads=4,
+                    max_position_embeddings=8192, sliding_window=2048)
+    model_dir = make_hf_checkpoint(tmp_path, spec)
+    fp = footprint(Checkpoint.open(model_dir).config, torch.float32, 8192, 1)
+    assert fp.kv_window == 2048 and fp.kv_cache > fp.work + fp.trunk
+    with pytest.raises(BudgetError) as info:
+        offload_rt.load(model_dir, dtype="float32", cpu_memory=fp.fixed, pool="global",
+                        max_seq_len=8192, prefill_chunk=1)
+    assert "the KV cache (" in str(info.value)
+    assert "below the model's sliding window of 2048" in str(info.value)

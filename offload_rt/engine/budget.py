@@ -15,6 +15,7 @@ import torch
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN
 from offload_rt.engine.sizes import format_size
+from offload_rt.engine.work_memory import work_bytes
 from offload_rt.errors import BudgetError
 
 AUTO_RAM_FRACTION = 0.85  # of available RAM when a budget is 'auto'
@@ -29,6 +30,8 @@ class Footprint:
     kv_cache: int
     work: int
     expert: int  # one packed expert, compute dtype
+    kv_positions: int = 0  # positions each layer's KV cache holds
+    kv_window: int | None = None  # set when those are a rolling sliding window
 
     @property
     def fixed(self) -> int:
@@ -55,18 +58,37 @@ class MemoryPlan:
         return self.device_slots_per_pool * self.num_pools
 
 
-def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int) -> Footprint:
-    """Bytes of the trunk, KV cache and the largest activations of a ``chunk``-token forward."""
+def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
+              device_type: str = "cpu", file_dtype: torch.dtype | None = None) -> Footprint:
+    """Bytes of the trunk, KV cache and the largest activations of a ``chunk``-token forward.
+
+    ``work`` is what a run allocates beyond weights and KV cache on ``device_type``
+    (``work_memory.work_bytes``: the largest forward, sampling, expert-read buffers when
+    ``file_dtype`` differs from ``dtype``), measured in ``tests/test_work_memory.py``.
+
+    The KV cache holds ``cfg.kv_positions(max_seq_len)`` positions per layer: all of them, or
+    with a sliding window W < max_seq_len a rolling W (plus, while a prefill chunk runs past a
+    full window, one layer's [W + chunk] keys and values), so a long context costs no more.
+    """
     item = torch.empty((), dtype=dtype).element_size()
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = 2 * h + (q + 2 * kv) * h + q * h + cfg.num_experts * h
     trunk = item * (cfg.num_layers * per_layer + h + cfg.vocab_size * h *
                     (1 if cfg.tie_word_embeddings else 2))
-    kv_cache = item * 2 * cfg.num_layers * max_seq_len * kv
-    # activations of one chunk: hidden copies, expert intermediates, attention scores, logits
-    work = 4 * chunk * (8 * h + 3 * cfg.intermediate_size + cfg.num_heads * max_seq_len
-                        + cfg.vocab_size) + 64 * 2**20 + ALIGN  # + aligning the slot storage
-    return Footprint(trunk, kv_cache, work, item * cfg.expert_numel)
+    held = cfg.kv_positions(max_seq_len)
+    kv_cache = item * 2 * cfg.num_layers * held * kv
+    rolling = cfg.sliding_window if held < max_seq_len else None
+    if rolling:  # a prefill chunk past a full window also attends over [window; chunk] keys
+        kv_cache += item * 2 * (held + min(chunk, max_seq_len)) * kv  # one layer at a time
+    work = work_bytes(cfg, dtype, max_seq_len, chunk, kv_positions=held,
+                      device_type=device_type, file_dtype=file_dtype)
+    return Footprint(trunk, kv_cache, work, item * cfg.expert_numel, held, rolling)
+
+
+def _kv_text(fp: Footprint) -> str:
+    """'512.0 MiB', or with a rolling window '4.0 MiB, a rolling window of 16 positions'."""
+    size = format_size(fp.kv_cache)
+    return f"{size}, a rolling window of {fp.kv_window} positions" if fp.kv_window else size
 
 
 def available_ram() -> int:
@@ -76,6 +98,25 @@ def available_ram() -> int:
 def available_gpu(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     return max(0, free - AUTO_GPU_MARGIN)
+
+
+def _shrink_hint(fp: Footprint, slots: int, per_layer: bool) -> str:
+    """How to shrink the largest part of the minimum budget (the BudgetError's advice)."""
+    parts = {"trunk": fp.trunk, "KV cache": fp.kv_cache, "work buffers": fp.work,
+             "expert slots": slots * fp.slot}
+    largest = max(parts, key=lambda k: parts[k])
+    advice = {
+        "trunk": "a 16-bit --dtype halves it if it runs in float32",
+        "KV cache": ("lower --max-seq-len (it grows with the positions it holds)"
+                     if fp.kv_window is None else
+                     f"lower --max-seq-len below the model's sliding window of {fp.kv_window} "
+                     "positions (the cache never holds more than the window)"),
+        "work buffers": "lower prefill_chunk (a load() option, 512 by default: they grow with "
+                        "a prefill chunk's tokens) or --max-seq-len",
+        "expert slots": ("--pool global needs top_k slots, not top_k per layer" if per_layer
+                         else "a 16-bit --dtype halves them if they run in float32"),
+    }[largest]
+    return f"shrink the largest part, the {largest} ({format_size(parts[largest])}): {advice}"
 
 
 def _slots(budget: int, fp: Footprint, pools: int, cap: int) -> int:
@@ -102,10 +143,11 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
         which = "--gpu-memory" if device.type == "cuda" else "--cpu-memory"
         raise BudgetError(
             f"{which} {format_size(budget)} cannot run this model: the trunk "
-            f"({format_size(fp.trunk)}), KV cache ({format_size(fp.kv_cache)}), work buffers "
+            f"({format_size(fp.trunk)}), KV cache ({_kv_text(fp)}), work buffers "
             f"({format_size(fp.work)}) and {minimum * pools} expert slots of {format_size(fp.slot)}"
             f" ({minimum} per {'layer' if per_layer else 'step'}) need at least "
-            f"{format_size(need_min)} ({need_min} bytes); raise it or lower --max-seq-len")
+            f"{format_size(need_min)} ({need_min} bytes); raise it, or "
+            f"{_shrink_hint(fp, minimum * pools, per_layer)}")
     per_pool = _slots(budget, fp, pools, cap)
     if cache_experts is not None:
         per_pool = cache_experts if per_layer else cache_experts * cfg.num_layers

@@ -42,11 +42,13 @@ class Transformer(nn.Module):
         self._caches: list[KVCache] = []
 
     def attach(self, experts: ExpertProvider, max_seq_len: int) -> None:
-        """Wire the MoE layers to ``experts`` and allocate KV caches for ``max_seq_len``."""
+        """Wire the MoE layers to ``experts`` and allocate KV caches for a context of
+        ``max_seq_len`` positions (``cfg.kv_positions`` of them: fewer with a sliding window)."""
         cfg, p = self.cfg, self.embed.weight
         self._moe = [MoELayer(i, blk.router, experts, cfg.hidden_size, cfg.intermediate_size)
                      for i, blk in enumerate(self.layers)]
-        self._caches = [KVCache(cfg.num_kv_heads, max_seq_len, cfg.head_dim, p.dtype, p.device)
+        held = cfg.kv_positions(max_seq_len)
+        self._caches = [KVCache(cfg.num_kv_heads, held, cfg.head_dim, p.dtype, p.device)
                         for _ in self.layers]
         self._cos, self._sin = rope_tables(cfg.head_dim, max_seq_len, cfg.rope_theta, p.device)
         self.max_seq_len = max_seq_len
@@ -65,7 +67,7 @@ class Transformer(nn.Module):
         the last position only when ``last_only``: prefill needs no more)."""
         t = token_ids.shape[0]
         if start_pos + t > self.max_seq_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed the KV cache "
+            raise ValueError(f"positions {start_pos}..{start_pos + t - 1} exceed the context "
                              f"({self.max_seq_len})")
         cos, sin = self._cos[start_pos:start_pos + t], self._sin[start_pos:start_pos + t]
         h = self.embed(token_ids.to(self.embed.weight.device))  # [T, H]

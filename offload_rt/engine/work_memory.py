@@ -1,0 +1,237 @@
+"""Working memory: the bytes a run allocates besides the trunk, the KV cache and the expert slots.
+
+``work_bytes`` is ``budget.footprint``'s ``work`` term: the peak transient memory of the largest
+forward pass (a full prefill chunk attending over the whole context; a decode step needs less),
+plus what lives beside it: the GEMM libraries' own buffers, the sampler's copies of the logits,
+the rotary tables, the buffers of expert reads in flight and the slot storage's alignment.
+
+``forward_peak`` counts the tensors alive at the peak of each phase of ``Transformer.forward``
+(the RMSNorms, the attention, the MoE layer, the LM head) from the model's shapes; the attention
+kernel's own buffers follow torch's kernels (CPU: the flash kernel of
+``aten/src/ATen/native/cpu/FlashAttentionKernel.cpp``; CUDA: bounded by the math path, the
+largest). ``tests/test_work_memory.py`` measures the peak of torch's allocations during real
+forwards (``torch.profiler``, ``profile_memory=True``) on several shapes and checks
+measured <= ``forward_peak`` <= 2 x measured + 1 MiB; what torch's allocator does not see (MKL's
+and oneDNN's buffers, ``gemm_scratch``) is measured as RSS by ``tests/test_rss_budget.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from offload_rt.config import ModelConfig
+from offload_rt.direct_io import ALIGN, BOUNCE
+from offload_rt.model import cpu_linear
+
+MiB = 2**20
+F32 = 4  # bytes of a float32: RMSNorm, router, softmax, logits and attention scores use it
+I64 = 8  # bytes of an int64 index
+FLASH_KV_BLOCK = 512  # key block of torch's CPU flash attention; its query block: _flash_q_block
+# Library buffers outside torch's allocator, per intra-op thread (RSS measured on this project's
+# 2-core EPYC, torch 2.13): MKL's float32 GEMM packing buffers grow with the weight, 0.3 MiB
+# for 512x128, 2.3 MiB for 3072x512, 5.0 MiB from 4096x14336 on; oneDNN's bf16 GEMMs
+# (scratchpad <= 193 KiB in torch's allocator, plus its generated kernels) ~1 MiB.
+MKL_SCRATCH_MAX = 6 * MiB
+ONEDNN_SCRATCH = 1 * MiB
+ONEDNN_TORCH_SCRATCH = 256 * 2**10  # the part of it oneDNN takes from torch's allocator
+CUDA_BLAS_WORKSPACES = 40 * MiB  # cuBLASLt's (32 MiB on Hopper, pytorch#120925) + cuBLAS's
+READERS = 2  # expert reads in flight at once: the forward's own (a miss) and the prefetch thread's
+# per vocabulary id: the sampler's float32/int64/bool copies of the logits (top-p: ~34), the
+# finiteness check's and the never-sampled ids' mask's (~5)
+SAMPLER_BYTES_PER_ID = 48
+MARGIN_FRACTION = 8  # safety margin: 1/8 of the forward's peak ...
+MARGIN_BYTES = 256 * 2**10  # ... plus 256 KiB (small tensors, allocator rounding)
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What the formulas need of a config and compute dtype (bytes are per token)."""
+
+    h: int  # hidden size
+    q: int  # query width, num_heads * head_dim
+    kv: int  # key (or value) width, num_kv_heads * head_dim
+    f: int  # expert intermediate size
+    heads: int
+    head_dim: int
+    item: int  # bytes of one element in the compute dtype
+    upcast: int  # 1 when .float() / .to(float32) copies (compute dtype is not float32)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype) -> _Shapes:
+        item = torch.empty((), dtype=dtype).element_size()
+        return cls(cfg.hidden_size, cfg.num_heads * cfg.head_dim,
+                   cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.num_heads,
+                   cfg.head_dim, item, int(dtype != torch.float32))
+
+
+def _norm(s: _Shapes) -> int:
+    """RMSNorm of the residual h: h, and two float32 rows at a time (x32 and x32**2, then
+    x32 * rsqrt and its cast and scaled copies)."""
+    return s.item * s.h + 2 * F32 * s.h
+
+
+def _attention(s: _Shapes) -> int:
+    """Attention, at its widest (RoPE of q, or wo's input): h, the normed x, the new h, q, k, v,
+    three RoPE temporaries of q (x*cos, rotate_half(x), its product with sin), cos/sin cast to
+    the compute dtype, and the float32 log-sum-exp of the kernel per head."""
+    return s.item * (3 * s.h + 4 * s.q + 2 * s.kv + 2 * s.head_dim) + F32 * s.heads
+
+
+def _moe(s: _Shapes, cfg: ModelConfig) -> int:
+    """The MoE layer: h, its normed input and the output accumulator; the router's logits,
+    float32 probabilities and top-k; then one expert at a time on at most all tokens: its
+    rows of x, [w1; w3] x (2F), silu(gate) and silu(gate) * up (F each), or, while it is added
+    into the output, y, y * weight (float32), its cast, out[tok] and their sum."""
+    router = cfg.num_experts * (s.item + F32 * (1 + s.upcast)) + cfg.top_k * (3 * F32 + I64)
+    indices = 2 * I64 + cfg.top_k  # torch.where's token and slot ids, the top_ids == e mask
+    ffn = s.item * (s.h + 4 * s.f)
+    combine = s.item * 4 * s.h + F32 * s.h
+    return s.item * 3 * s.h + router + indices + max(ffn, combine)
+
+
+def _fp32_matrices(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(out, in) of every weight ``cpu_linear.linear`` may multiply with >= 16 rows of x:
+    wq, wk/wv, wo, an expert's [w1; w3] and w2 (the LM head sees one row per forward)."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    f = cfg.intermediate_size
+    return [(q, h), (kv, h), (h, q), (2 * f, h), (h, f)]
+
+
+def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
+    """Whether ``cpu_linear.linear`` takes its blockwise float32 path for ``tokens`` rows."""
+    return (dtype == torch.bfloat16 and device_type == "cpu" and not cpu_linear.native_bf16()
+            and tokens >= cpu_linear.FP32_MIN_TOKENS)
+
+
+def _fp32_block(cfg: ModelConfig) -> tuple[int, int]:
+    """(bytes per token, fixed bytes) of ``cpu_linear``'s float32 path: x in float32 and one
+    block's float32 product per row; the float32 copy of one weight block."""
+    per_token, fixed = 0, 0
+    for out, inp in _fp32_matrices(cfg):
+        rows = min(out, max(1, cpu_linear.FP32_BLOCK_BYTES // (F32 * inp)))
+        per_token = max(per_token, F32 * (inp + rows))
+        fixed = max(fixed, F32 * rows * inp)
+    return per_token, fixed
+
+
+def _flash_q_block(tokens: int) -> int:
+    """The query block torch's CPU flash attention picks for ``tokens`` queries."""
+    return 256 if tokens >= 768 else 64 if tokens >= 192 else 32
+
+
+def _flash_cpu(s: _Shapes, tokens: int, keys: int, threads: int) -> int:
+    """torch's CPU flash attention with our boolean mask: the mask and its copy in the compute
+    dtype [T, S], key positions (int64), and per thread one block of float32 scores (plus its
+    reduced copy), row maxima, sums and output accumulators."""
+    if tokens == 1:  # a decode step passes no mask
+        mask = 0
+    else:
+        mask = tokens * keys * (1 + s.item) + I64 * (4 * keys + 2 * tokens)
+    qb, kb = min(tokens, _flash_q_block(tokens)), min(keys, FLASH_KV_BLOCK)
+    per_thread = qb * kb * (F32 + s.item * s.upcast) + F32 * qb * (2 + s.head_dim)
+    return mask + threads * per_thread
+
+
+def _math(s: _Shapes, tokens: int, keys: int) -> int:
+    """The math path of ``scaled_dot_product_attention`` (what CUDA falls back to with a mask
+    and grouped-query heads): q, k, v in float32, k and v repeated to every query head, the
+    mask as float32, scores and their softmax in float32 and a copy in the compute dtype."""
+    kv_heads = s.kv // s.head_dim
+    return (s.heads * tokens * keys * (2 * F32 + s.item) + tokens * keys * (1 + F32)
+            + 2 * (s.heads + kv_heads) * keys * s.head_dim * F32
+            + 3 * s.heads * tokens * s.head_dim * F32 + I64 * (4 * keys + 2 * tokens))
+
+
+def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *,
+                 device_type: str = "cpu", threads: int = 1, window: bool = False) -> int:
+    """Peak bytes one ``Transformer.forward(..., last_only=True)`` allocates on top of its
+    weights and KV cache: ``tokens`` new tokens attending over ``keys`` positions.
+
+    The widest phase's [tokens, width] tensors (norm, attention or MoE, with every token routed
+    to one expert: the worst case), what the attention kernel adds for tokens x keys (one
+    block of scores per thread on a CPU), the oneDNN GEMM scratchpad it takes from torch's
+    allocator, and the float32 logits [1, V] (and the previous chunk's, which the prefill loop
+    still holds).
+    ``window``: a chunk running past a full sliding window, whose mask takes one more [T, S]
+    (its concatenated keys and values are counted in the KV cache term).
+    """
+    s = _Shapes.of(cfg, dtype)
+    per_token = max(_norm(s), _attention(s), _moe(s, cfg))
+    weight_block = 0
+    if _fp32_path(dtype, device_type, tokens):
+        extra, weight_block = _fp32_block(cfg)
+        per_token += extra
+    scratch = 0
+    if device_type == "cpu":
+        attention = _flash_cpu(s, tokens, keys, threads)
+        scratch = threads * ONEDNN_TORCH_SCRATCH if _onednn(dtype, tokens) else 0
+    else:  # CUDA: a masked grouped-query prefill takes the math path; it bounds the others
+        attention = _math(s, tokens, keys)
+    if window:
+        attention += tokens * keys
+    head = cfg.vocab_size * (s.item + F32 * s.upcast + F32)
+    return tokens * per_token + attention + weight_block + head + scratch
+
+
+def _onednn(dtype: torch.dtype, tokens: int) -> bool:
+    """Whether a CPU GEMM of ``tokens`` rows runs in oneDNN's 16-bit kernels (else MKL's
+    float32 GEMM)."""
+    return dtype != torch.float32 and not _fp32_path(dtype, "cpu", tokens)
+
+
+def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
+                 device_type: str = "cpu", threads: int = 1) -> int:
+    """Bytes the GEMM libraries hold outside torch's allocator: on a CPU per thread, MKL's
+    float32 packing buffers (float32 compute or ``cpu_linear``'s float32 path: at most
+    ``MKL_SCRATCH_MAX``, less for small weights) or oneDNN's (bf16); on CUDA the cuBLAS and
+    cuBLASLt workspaces torch allocates per handle and stream."""
+    if device_type != "cpu":
+        return CUDA_BLAS_WORKSPACES
+    if _onednn(dtype, tokens):  # its scratchpad in torch's allocator is in forward_peak
+        return threads * (ONEDNN_SCRATCH - ONEDNN_TORCH_SCRATCH)
+    largest = max(out * inp for out, inp in _fp32_matrices(cfg))
+    return threads * min(MKL_SCRATCH_MAX, 2 * F32 * largest)
+
+
+def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype | None) -> int:
+    """Host bytes the expert reads in flight use besides their slots (``Checkpoint
+    .read_expert_into``): a matrix read in its file dtype before conversion, which cannot land
+    in place, so it passes through a bounce buffer of up to ``direct_io.BOUNCE`` bytes; without
+    conversion only the < 4 KiB head and tail of each matrix are bounced."""
+    if file_dtype is None or file_dtype == dtype:
+        return READERS * 3 * ALIGN
+    matrix = cfg.intermediate_size * cfg.hidden_size * torch.empty(
+        (), dtype=file_dtype).element_size()
+    return READERS * (matrix + min(BOUNCE, matrix) + 2 * ALIGN)
+
+
+def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
+               kv_positions: int | None = None, device_type: str = "cpu",
+               file_dtype: torch.dtype | None = None, threads: int | None = None) -> int:
+    """The ``work`` term of the device budget for a context of ``max_seq_len`` positions
+    prefilled ``chunk`` tokens at a time; ``kv_positions``: the KV cache's capacity when a
+    sliding window makes it smaller than the context.
+
+    The largest forward (a full chunk attending over the most keys) and the GEMM libraries'
+    buffers, plus a safety margin of 1/8 of them and 256 KiB; the rotary tables (float32
+    [max_seq_len, head_dim], two) and the slot storage's alignment; on a CPU run (where the
+    device is RAM) also the sampler's copies of the logits and the expert-read buffers
+    (``reader_bytes``). ``threads``: torch's intra-op threads (default:
+    ``torch.get_num_threads()`` now), each owning an attention block and GEMM buffers.
+    """
+    tokens = min(chunk, max_seq_len)
+    held = max_seq_len if kv_positions is None else min(kv_positions, max_seq_len)
+    window = held < max_seq_len and tokens > 1
+    keys = min(max_seq_len, held + tokens) if window else held
+    threads = torch.get_num_threads() if threads is None else threads
+    peak = forward_peak(cfg, dtype, tokens, keys, device_type=device_type, threads=threads,
+                        window=window)
+    peak += gemm_scratch(cfg, dtype, tokens, device_type=device_type, threads=threads)
+    margin = peak // MARGIN_FRACTION + MARGIN_BYTES
+    tables = 2 * F32 * max_seq_len * cfg.head_dim
+    work = peak + margin + tables + ALIGN
+    if device_type == "cpu":
+        work += SAMPLER_BYTES_PER_ID * cfg.vocab_size + reader_bytes(cfg, dtype, file_dtype)
+    return work

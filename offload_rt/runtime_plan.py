@@ -1,0 +1,46 @@
+"""A runtime's memory plan from its options: the footprint, the budgets the flags give, the
+slots they hold, and the checks that tie flags together (``--cache-experts`` within
+[top_k, experts]; ``--no-offload`` within a sized budget)."""
+
+from __future__ import annotations
+
+import torch
+
+from offload_rt.config import ModelConfig
+from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
+from offload_rt.engine.sizes import format_size, parse_size
+from offload_rt.errors import BudgetError, OptionError
+from offload_rt.options import RuntimeOptions
+
+
+def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 max_seq_len: int, *, file_dtype: torch.dtype) -> MemoryPlan:
+    """Slots per tier for ``o`` (``BudgetError``/``OptionError`` naming the flags)."""
+    if o.cache_experts is not None and not cfg.top_k <= o.cache_experts <= cfg.num_experts:
+        raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
+                          f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
+    fp = footprint(cfg, dtype, max_seq_len, o.prefill_chunk, device_type=device.type,
+                   file_dtype=file_dtype)
+    gpu = parse_size(o.gpu_memory, "--gpu-memory")
+    cpu = parse_size(o.cpu_memory, "--cpu-memory")
+    on_gpu = device.type == "cuda"
+    plan = plan_memory(cfg, fp, device, device_budget=gpu if on_gpu else cpu,
+                       host_budget=cpu if on_gpu else None, cache_experts=o.cache_experts,
+                       per_layer={"layer": True, "global": False}.get(o.pool))
+    if o.offload is False and (gpu if on_gpu else cpu) is not None:
+        _check_resident_fits(cfg, plan, "--gpu-memory" if on_gpu else "--cpu-memory")
+    return plan
+
+
+def _check_resident_fits(cfg: ModelConfig, plan: MemoryPlan, budget_flag: str) -> None:
+    """``--no-offload`` with a sized budget: every expert must fit it, or the budget would be
+    silently exceeded (an 'auto' budget is not checked: resident is what was asked)."""
+    total = cfg.num_layers * cfg.num_experts
+    if plan.device_slots >= total:
+        return
+    fp = plan.footprint
+    need = fp.fixed + total * fp.slot
+    raise BudgetError(f"--no-offload keeps all {total} experts resident: with the trunk, "
+                      f"KV cache and work buffers that needs {format_size(need)} ({need} "
+                      f"bytes), more than {budget_flag} {format_size(plan.device_budget or 0)};"
+                      f" raise {budget_flag} or drop --no-offload to offload within it")
