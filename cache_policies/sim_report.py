@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, field
 from cache_policies.base import CachePolicy
 from cache_policies.belady import BeladyPolicy, FutureAccesses
 from cache_policies.keys import ExpertKey
-from cache_policies.registry import make_policy
+from cache_policies.policy_errors import build, raised_in
+from cache_policies.registry import make_policy, policy_class
 from cache_policies.sim_output import format_table, notes, rows_json  # noqa: F401 - re-exported
-from cache_policies.simulator import SimResult, _Evictable, _result, flatten, simulate
+from cache_policies.simulator import SimResult, _Evictable, _result, evict, flatten, simulate
 from cache_policies.static import StaticPolicy
 from cache_policies.trace import Record, Trace, TraceHeader
 
@@ -67,7 +68,7 @@ def replay(trace: Trace, policy_factory: Callable[[], CachePolicy], capacity: in
 
 
 def _uses_predictions(policy_factory: Callable[[], CachePolicy]) -> bool:
-    return type(policy_factory()).on_predict is not CachePolicy.on_predict
+    return type(build(policy_factory)).on_predict is not CachePolicy.on_predict
 
 
 class _Replayer:
@@ -75,10 +76,10 @@ class _Replayer:
 
     def __init__(self, factory: Callable[[], CachePolicy], capacity: int, per_layer: bool,
                  num_layers: int) -> None:
-        shared = None if per_layer else ({}, factory())
+        shared = None if per_layer else ({}, build(factory))
         self.pools: dict[int, Pool] = {}
         for layer in range(num_layers):
-            resident, policy = shared if shared is not None else ({}, factory())
+            resident, policy = shared if shared is not None else ({}, build(factory))
             self.pools[layer] = (resident, policy, [0, 0])
         self.capacity, self.per_layer, self.shared = capacity, per_layer, shared
         self.now = 0
@@ -105,13 +106,20 @@ class _Replayer:
         """Every pool's policy hears the predictions, as in ``ExpertCache.predict``; a per-layer
         pool only those of its own layer (the only keys it can rank: 32x less work)."""
         if not self.per_layer:
-            self.shared[1].on_predict(scores, self.now)  # type: ignore[index]
+            self._hook(self.shared[1], "on_predict", scores)  # type: ignore[index]
             return
         by_layer: dict[int, dict[ExpertKey, float]] = {}
         for key, prob in scores.items():
             by_layer.setdefault(key.layer, {})[key] = prob
         for layer, part in by_layer.items():
-            self.pools[layer][1].on_predict(part, self.now)
+            self._hook(self.pools[layer][1], "on_predict", part)
+
+    def _hook(self, policy: CachePolicy, hook: str, *args: object) -> None:
+        """``policy.<hook>(*args, now)``; ``PolicyHookError`` naming both on a raise."""
+        try:
+            getattr(policy, hook)(*args, self.now)
+        except Exception as exc:
+            raise raised_in(policy, hook, (*args, self.now), self.now, exc) from exc
 
     def _access(self, key: ExpertKey, pinned: Sequence[ExpertKey]) -> None:
         resident, policy, counts = self.pools[key.layer]
@@ -120,15 +128,17 @@ class _Replayer:
             if key in self.prefetched:
                 self.prefetched.discard(key)
                 self.useful += 1
-            policy.on_access(key, self.now)
         else:
             counts[1] += 1
             if not self._make_room(resident, policy, pinned):
                 raise ValueError(f"access {self.now}: no evictable slot for {key} "
                                  f"(capacity={self.capacity})")
             resident[key] = None
-            policy.on_insert(key, self.now)
+            self._hook(policy, "on_insert", key)
+        try:  # inline, not _hook: once per access
             policy.on_access(key, self.now)
+        except Exception as exc:
+            raise raised_in(policy, "on_access", (key, self.now), self.now, exc) from exc
         self.now += 1
 
     def _prefetch(self, key: ExpertKey, protected: frozenset[ExpertKey]) -> None:
@@ -136,7 +146,7 @@ class _Replayer:
         if key in resident or not self._make_room(resident, policy, protected):
             return  # already there, or nothing may go: the runtime's prefetcher gives up too
         resident[key] = None
-        policy.on_insert(key, self.now)
+        self._hook(policy, "on_insert", key)
         self.prefetched.add(key)
         self.inserts += 1
 
@@ -148,11 +158,7 @@ class _Replayer:
         view.resident, view.pinned = resident, keep  # type: ignore[assignment]
         if not view:
             return False
-        victim = policy.choose_victim(view, self.now)
-        if victim not in view:
-            raise RuntimeError(f"policy {policy!r} chose {victim!r}, not an evictable key")
-        del resident[victim]
-        policy.on_evict(victim)
+        victim = evict(policy, view, self.now)
         if victim in self.prefetched:
             self.prefetched.discard(victim)
             self.wasted += 1
@@ -248,7 +254,7 @@ def _factory(name: str, trace: Trace, slots: int, capacity: int,
     if name == "static":
         hot = StaticPolicy.from_trace(future.keys, per_layer=capacity).hot
         return lambda: StaticPolicy(hot)
-    make_policy(name)  # fail now, with the registry's message, on an unknown name
+    build(policy_class(name))  # fail now: ValueError for an unknown name, else its constructor
     return lambda: make_policy(name)
 
 

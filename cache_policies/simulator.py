@@ -25,6 +25,7 @@ from typing import overload
 
 from cache_policies.base import CachePolicy
 from cache_policies.keys import ExpertKey
+from cache_policies.policy_errors import bad_victim, build, raised_in
 
 PolicyFactory = Callable[[], CachePolicy]
 
@@ -104,21 +105,23 @@ def simulate(
     ``num_layers``: when given, keys must have ``0 <= layer < num_layers`` and the per-layer
     dicts list every layer, used or not.
     Raises ``ValueError`` if ``capacity`` is below 1 or below the number of distinct keys a step
-    needs from one pool (they are all pinned at once, so they must fit together).
+    needs from one pool (they are all pinned at once, so they must fit together), and
+    ``PolicyHookError`` naming the policy class and hook when the policy raises (its own
+    exception chained) or chooses a victim that is not a candidate.
     """
     if capacity < 1:
         raise ValueError(f"capacity must be >= 1, got {capacity}")
     _check_steps_fit(accesses, capacity, per_layer)
     shared: tuple[dict[ExpertKey, None], CachePolicy] | None = None
     if not per_layer:
-        shared = ({}, policy_factory())
+        shared = ({}, build(policy_factory))
     # layer -> (resident keys of its pool, the pool's policy, [hits, misses] of this layer)
     pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]] = {}
 
     def add_layer(layer: int) -> tuple[dict[ExpertKey, None], CachePolicy, list[int]]:
         if num_layers is not None and not 0 <= layer < num_layers:
             raise ValueError(f"trace has layer {layer}, outside num_layers={num_layers}")
-        resident, policy = shared if shared is not None else ({}, policy_factory())
+        resident, policy = shared if shared is not None else ({}, build(policy_factory))
         pools[layer] = (resident, policy, [0, 0])
         return pools[layer]
 
@@ -145,25 +148,63 @@ def _replay(
                 resident, policy, counts = add_layer(key[0])
             if key in resident:
                 counts[0] += 1
-                policy.on_access(key, now)
+                try:
+                    policy.on_access(key, now)
+                except Exception as exc:
+                    raise raised_in(policy, "on_access", (key, now), now, exc) from exc
             else:
                 counts[1] += 1
-                if len(resident) >= capacity:
+                if len(resident) >= capacity:  # inlined evict(): this loop is the hot path
                     candidates.resident = resident
                     candidates.pinned = step
-                    victim = policy.choose_victim(candidates, now)
-                    if victim not in resident or victim in step:
-                        raise RuntimeError(
-                            f"policy {policy!r} chose {victim!r}, which is not an evictable "
-                            f"resident key (access {now}, step {list(step)})"
-                        )
+                    try:
+                        victim = policy.choose_victim(candidates, now)
+                    except Exception as exc:
+                        raise raised_in(policy, "choose_victim", (now,), now, exc) from exc
+                    try:
+                        evictable = victim in resident and victim not in step
+                    except TypeError:  # unhashable: not a key at all
+                        evictable = False
+                    if not evictable:
+                        raise bad_victim(policy, victim, candidates, now)
                     del resident[victim]
-                    policy.on_evict(victim)
+                    try:
+                        policy.on_evict(victim)
+                    except Exception as exc:
+                        raise raised_in(policy, "on_evict", (victim,), now, exc) from exc
                 resident[key] = None
-                policy.on_insert(key, now)
-                policy.on_access(key, now)
+                try:
+                    policy.on_insert(key, now)
+                except Exception as exc:
+                    raise raised_in(policy, "on_insert", (key, now), now, exc) from exc
+                try:
+                    policy.on_access(key, now)
+                except Exception as exc:
+                    raise raised_in(policy, "on_access", (key, now), now, exc) from exc
             now += 1
     return now
+
+
+def evict(policy: CachePolicy, candidates: _Evictable, now: int) -> ExpertKey:
+    """Ask ``policy`` for a victim among ``candidates``, drop it from their pool (``on_evict``)
+    and return it. ``PolicyHookError`` when the policy raises or names a key that is not a
+    candidate."""
+    try:
+        victim = policy.choose_victim(candidates, now)
+    except Exception as exc:
+        raise raised_in(policy, "choose_victim", (now,), now, exc) from exc
+    try:
+        evictable = victim in candidates
+    except TypeError:  # unhashable: not a key at all
+        evictable = False
+    if not evictable:
+        raise bad_victim(policy, victim, candidates, now)
+    del candidates.resident[victim]
+    try:
+        policy.on_evict(victim)
+    except Exception as exc:
+        raise raised_in(policy, "on_evict", (victim,), now, exc) from exc
+    return victim
 
 
 def _check_steps_fit(

@@ -22,6 +22,7 @@ from cache_policies.keys import ExpertKey
 
 FORMAT = "offload_rt.trace"
 VERSION = 1
+RECORDS = "records"  # header key: the number of record lines that follow (a framing count)
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -123,11 +124,16 @@ class Trace:
 
 
 def write_trace(path: str | Path, trace: Trace) -> None:
-    """Write ``trace`` as JSON lines; gzip-compressed when ``path`` ends in ``.gz``."""
+    """Write ``trace`` as JSON lines; gzip-compressed when ``path`` ends in ``.gz``.
+
+    The header's ``records`` key holds the number of record lines, so a reader can tell a
+    file cut short (a full disk, an interrupted copy) from a complete one.
+    """
     path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as out:  # type: ignore[operator]
-        header = {"format": FORMAT, "version": VERSION, **asdict(trace.header)}
+        header = {"format": FORMAT, "version": VERSION, **asdict(trace.header),
+                  RECORDS: len(trace.records)}
         out.write(_dumps(header) + "\n")
         for record in trace.records:
             out.write(_dumps(_record_json(record)) + "\n")
@@ -157,14 +163,28 @@ def read_trace(path: str | Path) -> Trace:
     """Read a trace file (plain or gzip'd, detected from its bytes).
 
     Raises ``ValueError`` naming the file (and line) when it is not a trace, has a version this
-    reader does not know, or holds a malformed record.
+    reader does not know, holds a malformed record, or is cut short: fewer (or more) records
+    than its header's ``records`` count (written since that key was added; older files are
+    read without the check), or a gzip stream without its end.
     """
     path = Path(path)
     lines = _lines(path)
-    header = _parse_header(path, next(lines, None))
+    header, count = _parse_header(path, next(lines, None))
     records = [_parse_record(path, n, text, header) for n, text in enumerate(lines, start=2)
                if text.strip()]
+    _check_count(path, count, len(records))
     return Trace(header, records)
+
+
+def _check_count(path: Path, expected: object, found: int) -> None:
+    if expected is None:
+        return
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+        raise ValueError(f"{path}: header field {RECORDS!r} must be a count, got {expected!r}")
+    if found != expected:
+        what = "truncated (cut short?)" if found < expected else "longer than its header says"
+        raise ValueError(f"{path}: {what}: the header counts {expected} records, the file holds "
+                         f"{found}; record the trace again")
 
 
 def _lines(path: Path) -> Iterator[str]:
@@ -174,7 +194,10 @@ def _lines(path: Path) -> Iterator[str]:
         opener = gzip.open if compressed else open
         with opener(path, "rt", encoding="utf-8") as src:  # type: ignore[operator]
             yield from src
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+    except EOFError as exc:  # gzip: the stream stops before its end-of-stream marker
+        raise ValueError(f"{path}: truncated (cut short?): the gzip stream ends before its "
+                         "end marker; record the trace again") from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read trace file: {exc}") from exc
 
 
@@ -185,7 +208,8 @@ def _json_line(path: Path, number: int, text: str) -> Any:
         raise ValueError(f"{path}: line {number} is not valid JSON ({exc})") from exc
 
 
-def _parse_header(path: Path, text: str | None) -> TraceHeader:
+def _parse_header(path: Path, text: str | None) -> tuple[TraceHeader, object]:
+    """The header of line 1, and its ``records`` count (None: not written)."""
     if text is None:
         raise ValueError(f"{path}: empty file, not an {FORMAT} file")
     obj = _json_line(path, 1, text)
@@ -202,10 +226,11 @@ def _parse_header(path: Path, text: str | None) -> TraceHeader:
         fields.get(k), int)]
     if missing:
         raise ValueError(f"{path}: header lacks integer field(s) {missing}")
-    extra = {k: v for k, v in obj.items() if k not in known and k not in ("format", "version")}
+    extra = {k: v for k, v in obj.items()
+             if k not in known and k not in ("format", "version", RECORDS)}
     if extra:  # keys from a newer writer of the same version: keep them, do not fail
         fields["metadata"] = {**fields.get("metadata", {}), **extra}
-    return TraceHeader(**fields)
+    return TraceHeader(**fields), obj.get(RECORDS)
 
 
 def _parse_record(path: Path, number: int, text: str, header: TraceHeader) -> Record:

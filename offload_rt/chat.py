@@ -21,6 +21,8 @@ class ChatSession:
     ``on_trim(n)`` is called with the number n of user/assistant exchanges dropped, before the
     answer starts (a user interface can say so; the session itself prints nothing).
     An answer stopped by ``runtime.cancel()`` is left out of the history, with its question.
+    ``max_new_tokens_source`` says where ``max_new_tokens`` came from ("" = the caller), for
+    the error when it leaves no room for a question.
     """
 
     runtime: Runtime
@@ -29,13 +31,17 @@ class ChatSession:
     sampling: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, str]] = field(default_factory=list)
     on_trim: Callable[[int], None] | None = None
+    max_new_tokens_source: str = ""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens >= self.runtime.max_seq_len:
+        n, context = self.max_new_tokens, self.runtime.max_seq_len
+        if n >= context:
+            origin = f"{n} is {self.max_new_tokens_source}: " if self.max_new_tokens_source \
+                else ""
             raise ContextLengthError(
-                f"max_new_tokens {self.max_new_tokens} leaves no room for a question in the "
-                f"context of {self.runtime.max_seq_len} tokens; lower max_new_tokens or raise "
-                "max_seq_len")
+                f"max_new_tokens {n} leaves no room for a question in the context of {context} "
+                f"tokens ({self.runtime.max_seq_len_source}); {origin}pass a smaller one, "
+                f"below {context} (--max-new-tokens N; API: max_new_tokens=N)")
 
     def reset(self) -> None:
         self.history.clear()

@@ -7,7 +7,11 @@ line by line, as before, with no prompt.
 
 Both read stdin with the ``surrogateescape`` error handler (PEP 383), so a byte that does not
 decode never raises mid-read (losing the lines around it): it arrives as a lone surrogate
-U+DC80..U+DCFF, which ``offload_rt.text_input.check_text`` then refuses, line by line.
+U+DC80..U+DCFF, which ``offload_rt.text_input.check_text`` then refuses, line by line. At a
+terminal GNU readline would drop or move such a byte before Python sees it;
+``offload_rt.readline_guard`` reads the typed bytes first, so a line with one arrives whole. A
+refused line (one with such a byte) is left out of the history: recalled, it would read as its
+U+FFFD markers, valid text nobody typed. One byte order mark opening piped input is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
 from typing import IO
+
+from offload_rt.readline_guard import ReadlineGuard
+from offload_rt.readline_guard import install as install_guard
+from offload_rt.text_input import BOM
 
 log = logging.getLogger(__name__)
 HISTORY_LENGTH = 1000  # lines kept in the history file
@@ -38,13 +46,17 @@ def default_history_file() -> Path:
 
 
 class PipeInput:
-    """Lines from a pipe or file: no prompt, no editing; None at the end of the input."""
+    """Lines from a pipe or file: no prompt, no editing; None at the end of the input. A byte
+    order mark (U+FEFF) opening the input is dropped (editors save "UTF-8 with BOM")."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
+        self._first = True
 
     def read(self) -> str | None:
         line = self.stream.readline()
+        if self._first:
+            self._first, line = False, line.removeprefix(BOM)
         return line if line else None
 
 
@@ -56,21 +68,46 @@ class TerminalInput:
     ``readline`` the typed text cannot be seen, so Ctrl-C always ends the session.
     """
 
-    def __init__(self, out: IO[str], readline: ModuleType | None) -> None:
-        self.out, self.readline = out, readline
+    def __init__(self, out: IO[str], readline: ModuleType | None,
+                 guard: ReadlineGuard | None = None) -> None:
+        self.out, self.readline, self.guard = out, readline, guard
 
     def read(self) -> str | None:
+        if self.guard is not None:
+            self.guard.begin_line()
         try:
-            return input(PROMPT)
+            line = input(PROMPT)
         except EOFError:  # Ctrl-D on an empty line
             pass
         except KeyboardInterrupt:
             if self.readline is not None and self.readline.get_line_buffer():
                 self.out.write("\n")  # leave the discarded line visible, start a fresh prompt
                 return ""
+        else:
+            return self._checked(line)
         self.out.write("\n")  # the shell's prompt starts on its own line
         self.out.flush()
         return None
+
+    def _checked(self, line: str) -> str | None:
+        """A line ``input()`` returned, as the guard saw it typed (``readline_guard``)."""
+        if self.guard is None:
+            return line
+        seen = self.guard.line()
+        if seen.interrupted:  # Ctrl-C while the guard waited: readline already ended the line
+            self._forget(line)
+            return "" if line else None
+        text = seen.text(line)
+        if text != line:
+            self._forget(line)
+        return text
+
+    def _forget(self, line: str) -> None:
+        """Drop ``line`` from the history if ``input()`` just added it."""
+        assert self.readline is not None
+        length = self.readline.get_current_history_length()
+        if line and length and self.readline.get_history_item(length) == line:
+            self.readline.remove_history_item(length - 1)
 
 
 def escape_undecodable_bytes(stream: IO[str]) -> None:
@@ -100,9 +137,12 @@ def terminal_input(out: IO[str], history_file: Path | None) -> Iterator[Terminal
             readline.read_history_file(str(history_file))
         except OSError as exc:
             log.warning("chat history: could not read %s: %s", history_file, exc)
+    guard = install_guard(readline)
     try:
-        yield TerminalInput(out, readline)
+        yield TerminalInput(out, readline, guard)
     finally:
+        if guard is not None:
+            guard.uninstall()
         if history_file is not None:
             _save_history(readline, history_file)
 

@@ -16,6 +16,8 @@ from offload_rt.cli_options import (
     runtime_options,
 )
 from offload_rt.engine.sizes import format_size
+from offload_rt.errors import OptionError
+from offload_rt.request_checks import check_seed
 
 
 def add_bench_parser(subparsers: Any,
@@ -36,7 +38,8 @@ def add_bench_parser(subparsers: Any,
                             "the prefill's, the rest are timed decode steps)")
     group.add_argument("--repeats", metavar="N", type=int_at_least(1), default=3,
                        help="runs; medians are reported (default 3)")
-    group.add_argument("--seed", metavar="S", type=int, default=0, help="prompt seed")
+    group.add_argument("--seed", metavar="S", type=int, default=0,
+                       help="prompt seed, 0..2**64 - 1 (default 0)")
     group.add_argument("--json", action="store_true", help="print one JSON object")
     add_runtime_arguments(parser)
     parser.set_defaults(run=run_bench_command)
@@ -49,9 +52,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from offload_rt.process_memory import process_baseline_rss
 
     check_settings(args.prompt_tokens, args.new_tokens, args.repeats)  # before loading
+    check_seed(args.seed, "--seed")
     baseline = process_baseline_rss()
     with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
                          **runtime_options(args)) as rt:
+        check_fits(args.prompt_tokens, args.new_tokens, rt.max_seq_len, rt.max_seq_len_source)
         def report(i: int, run: dict[str, Any]) -> None:
             print(f"[{i + 1}/{args.repeats}] {run_line(run)}", file=sys.stderr, flush=True)
 
@@ -63,6 +68,17 @@ def run_bench_command(args: argparse.Namespace) -> int:
     else:
         print_summary(result, sys.stdout)
     return 0
+
+
+def check_fits(prompt_tokens: int, new_tokens: int, max_seq_len: int, source: str) -> None:
+    """OptionError naming bench's flags when a run would not fit the context (the runtime's
+    own message speaks of max_new_tokens, which bench does not take)."""
+    needed = prompt_tokens + new_tokens
+    if needed > max_seq_len:
+        raise OptionError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = "
+                          f"{needed} exceeds the context length (max_seq_len) of {max_seq_len} "
+                          f"({source}); lower --prompt-tokens or --new-tokens so that they "
+                          f"add up to at most {max_seq_len}")
 
 
 def _pct(x: float | None) -> str:

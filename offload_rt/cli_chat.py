@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import offload_rt
@@ -30,6 +27,7 @@ from offload_rt.chat_input import (
     escape_undecodable_bytes,
     terminal_input,
 )
+from offload_rt.cli_checks import check_sampling_fields, check_sampling_flags, require_tokenizer
 from offload_rt.cli_generate import summary_line
 from offload_rt.cli_options import (
     add_model_argument,
@@ -40,8 +38,10 @@ from offload_rt.cli_options import (
     runtime_options,
     sampling_kwargs,
 )
+from offload_rt.cli_stream import EXIT_STATUS, ctrl_c_cancels, stream_pieces
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import ContextLengthError, OptionError
+from offload_rt.generation_config import read_generation_config
 from offload_rt.text_input import check_text
 
 if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
@@ -66,15 +66,17 @@ class LineSource(Protocol):
 def add_chat_parser(subparsers: Any,
                     parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("chat", parents=parents, help="chat with a model",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(parser)
     parser.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
-    parser.add_argument("--history-file", metavar="FILE", type=Path,
-                        help="where a terminal session keeps the lines typed, for Up/Down and "
-                             "Ctrl-R in later sessions (default: $XDG_STATE_HOME/offload_rt/"
-                             "chat_history, else ~/.local/state/offload_rt/chat_history)")
-    parser.add_argument("--no-history-file", action="store_true",
-                        help="keep the typed lines for this session only, nothing on disk")
+    history = parser.add_mutually_exclusive_group()
+    history.add_argument("--history-file", metavar="FILE", type=Path,
+                         help="where a terminal session keeps the lines typed, for Up/Down and "
+                              "Ctrl-R in later sessions (default: $XDG_STATE_HOME/offload_rt/"
+                              "chat_history, else ~/.local/state/offload_rt/chat_history)")
+    history.add_argument("--no-history-file", action="store_true",
+                         help="keep the typed lines for this session only, nothing on disk")
     add_sampling_arguments(parser, CHAT_SAMPLING)
     add_runtime_arguments(parser)
     parser.set_defaults(run=run_chat)
@@ -83,16 +85,42 @@ def add_chat_parser(subparsers: Any,
 
 def run_chat(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
-    sampling = sampling_kwargs(args)
+    sampling = _checked_sampling(args)
     max_new = sampling.pop("max_new_tokens")
     with offload_rt.load(model_dir(args), progress=progress_bar(True),
                          **runtime_options(args)) as rt, _input(args, interactive) as lines:
         session = ChatSession(rt, system=args.system, max_new_tokens=max_new, sampling=sampling,
-                              on_trim=lambda n: _trim_notice(n, sys.stderr))
+                              on_trim=lambda n: _trim_notice(n, sys.stderr),
+                              max_new_tokens_source=_max_new_tokens_source(args))
         if interactive:
             print(f"offload-rt chat: {rt.checkpoint.model_dir.name}. {HELP}", file=sys.stderr)
         _loop(session, lines, sys.stdout, sys.stderr, interactive)
     return 0
+
+
+def _checked_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The session's sampling keywords, every flag checked before the model loads: --system and
+    --stop as UTF-8, --seed's range, a tokenizer for the typed lines, and sampling that the
+    model's generation_config.json refuses (chat samples by default)."""
+    folder = model_dir(args)
+    if args.system is not None:
+        check_text(args.system, "--system")
+    check_sampling_flags(args)
+    require_tokenizer(folder, "the lines of a chat", "offload-rt generate --prompt-ids 1,2,3 "
+                      "runs a model without one")
+    sampling = sampling_kwargs(args)
+    check_sampling_fields(folder, args, sampling["temperature"], CHAT_SAMPLING["temperature"])
+    return sampling
+
+
+def _max_new_tokens_source(args: argparse.Namespace) -> str:
+    """Where the session's max_new_tokens comes from ("" for --max-new-tokens)."""
+    if args.max_new_tokens is not None:
+        return ""
+    shipped = read_generation_config(model_dir(args))
+    if shipped.max_new_tokens is not None:
+        return shipped.new_tokens_source(None)
+    return f"chat's default ({CHAT_SAMPLING['max_new_tokens']})"
 
 
 @contextlib.contextmanager
@@ -167,12 +195,8 @@ class _ChatLoop:
         """Stream the answer, then its summary line on ``err``. On a terminal Ctrl-C stops it."""
         start = time.perf_counter()
         rt = self.session.runtime
-        with _ctrl_c_cancels(rt) if self.interactive else contextlib.nullcontext():
-            for piece in self.session.reply(question):
-                self.out.write(piece)
-                self.out.flush()
-        self.out.write("\n")
-        self.out.flush()
+        with ctrl_c_cancels(rt) if self.interactive else contextlib.nullcontext():
+            stream_pieces(self.session.reply(question), self.out)
         stats = rt.stats_dict(time.perf_counter() - start)
         self.totals["answers"] += 1
         for key in TOTALS:
@@ -184,29 +208,6 @@ class _ChatLoop:
 
     def _note(self, text: str) -> None:
         print(text, file=self.err, flush=True)
-
-
-@contextlib.contextmanager
-def _ctrl_c_cancels(rt: Runtime) -> Iterator[None]:
-    """Meanwhile Ctrl-C (SIGINT) asks ``rt`` to stop before its next token instead of raising
-    KeyboardInterrupt mid-step, so the engine is never left half-way through a forward pass; a
-    second Ctrl-C raises KeyboardInterrupt (the session ends, exit status 130)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    pressed = threading.Event()
-
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        if pressed.is_set():
-            raise KeyboardInterrupt
-        pressed.set()
-        rt.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _stats_text(rt: Runtime, totals: Counter[str]) -> str:

@@ -11,9 +11,18 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from typing import IO, TYPE_CHECKING, Any
 
 import offload_rt
+from cache_policies.trace import Trace, write_trace
+from offload_rt.cli_checks import (
+    check_output_path,
+    check_sampling_fields,
+    check_sampling_flags,
+    require_tokenizer,
+    write_output,
+)
 from offload_rt.cli_options import (
     add_model_argument,
     add_runtime_arguments,
@@ -24,9 +33,10 @@ from offload_rt.cli_options import (
     sampling_kwargs,
 )
 from offload_rt.cli_simulate import add_trace_options, trace_kwargs
+from offload_rt.cli_stream import EXIT_STATUS, stream_pieces
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
-from offload_rt.text_input import check_text, decode_text
+from offload_rt.text_input import BOM, check_text, decode_text
 
 if TYPE_CHECKING:  # the runtime imports torch: only when a command runs a model
     from offload_rt.runtime import Output, Runtime
@@ -37,8 +47,9 @@ def add_generate_parser(subparsers: Any,
     """Register ``generate`` on the top-level parser's subparsers."""
     parser = subparsers.add_parser(
         "generate", parents=parents, help="generate text from one prompt",
-        description="Generate text from one prompt. Text streams to stdout and a summary "
-                    "line goes to stderr; with --json, stdout is one JSON object instead.")
+        description="Generate text from one prompt. Text streams to stdout and a summary line\n"
+                    "goes to stderr; with --json, stdout is one JSON object instead.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_argument(parser)
     _add_prompt_arguments(parser)
     add_sampling_arguments(parser)
@@ -57,7 +68,8 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", metavar="TEXT",
                         help="prompt text, encoded as BOS + SentencePiece ids; '-' reads it "
-                             "from stdin (one trailing newline removed)")
+                             "from stdin (one leading UTF-8 byte order mark and one trailing "
+                             "newline removed)")
     source.add_argument("--prompt-ids", metavar="IDS", type=_token_ids,
                         help="prompt as comma-separated token ids, e.g. 1,2,3 (works for a "
                              "model folder without a tokenizer)")
@@ -65,33 +77,66 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="wrap the prompt as one user message in the model's chat template")
 
 
-
-
-
-
-
-
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    """Load the model, generate, print; errors propagate to ``cli.main``."""
+    """Check the flags, load the model, generate, print; errors propagate to ``cli.main``."""
+    folder = model_dir(args)
+    check_sampling_flags(args)
+    if args.prompt is not None:
+        require_tokenizer(folder, "--prompt text", "give the prompt as token ids with "
+                          "--prompt-ids 1,2,3")
+    if args.trace_output is not None:
+        check_output_path(args.trace_output, "--trace")
     request = {**prompt_kwargs(args, sys.stdin), **sampling_kwargs(args)}
-    with offload_rt.load(model_dir(args), progress=progress_bar(not args.json),
+    check_sampling_fields(folder, args, request["temperature"])
+    trace: Trace | None = None  # written last: a failed write (exit 2) follows the output
+    with offload_rt.load(folder, progress=progress_bar(not args.json),
                          **runtime_options(args)) as rt:
-        if args.trace_output is not None:
-            output = traced_generate(rt, request, args)
-            print(output_json(output) if args.json else output.text, flush=True)
-            if not args.json:
-                print(summary_line(output.stats, output.finish_reason), file=sys.stderr)
-        elif args.json:
-            print(output_json(rt.generate(**request)), flush=True)
+        if args.json:
+            output, trace = _json_output(rt, request, args)
+            print(output_json(output), flush=True)
+        elif args.trace_output is not None:
+            output, trace = traced_generate(rt, request, args)
+            print(output.text, flush=True)
+            print(summary_line(output.stats, output.finish_reason), file=sys.stderr)
         else:
             print_stream(rt, request, sys.stdout, sys.stderr)
+    if trace is not None:
+        write_output(args.trace_output, "--trace", partial(write_trace, trace=trace))
     return 0
 
 
-def traced_generate(rt: Runtime, request: dict[str, Any], args: argparse.Namespace) -> Output:
-    """``generate`` with its routing recorded to ``--trace FILE`` (see docs/trace_format.md)."""
+def _json_output(rt: Runtime, request: dict[str, Any], args: argparse.Namespace
+                 ) -> tuple[Output, Trace | None]:
+    """The run's ``Output`` for --json (and its trace with --trace). On Ctrl-C the object of
+    what was generated so far is printed (``finish_reason`` "interrupted") before the
+    KeyboardInterrupt goes on to the CLI (exit status 130): stdout always gets its object."""
+    start = time.perf_counter()
+    try:
+        if args.trace_output is None:
+            return rt.generate(**request), None
+        return traced_generate(rt, request, args)
+    except KeyboardInterrupt:
+        so_far = interrupted_output(rt, time.perf_counter() - start)
+        if so_far is not None:
+            print(output_json(so_far), flush=True)
+        raise
+
+
+def interrupted_output(rt: Runtime, wall_s: float) -> Output | None:
+    """What the generation interrupted in ``rt`` had produced (None if none had started)."""
+    from offload_rt.runtime import Output
+
+    result = rt.last_result
+    if result is None:
+        return None
+    return Output(result.text, list(rt.last_prompt_ids), list(result.token_ids), "interrupted",
+                  rt.stats_dict(wall_s))
+
+
+def traced_generate(rt: Runtime, request: dict[str, Any], args: argparse.Namespace
+                    ) -> tuple[Output, Trace]:
+    """``generate`` with its routing recorded (see docs/trace_format.md); the caller writes the
+    trace after printing the text, so a failed write loses no text."""
     from offload_rt.runtime import Output
     from offload_rt.trace_recorder import record_trace
 
@@ -99,12 +144,12 @@ def traced_generate(rt: Runtime, request: dict[str, Any], args: argparse.Namespa
     max_new = request.pop("max_new_tokens")
     prompt = rt.encode(request.pop("prompt", None), messages=request.pop("messages", None))
     start = time.perf_counter()
-    record_trace(rt, args.trace_output, [prompt], max_new, prompt_source="offload-rt generate",
-                 **trace_kwargs(args), **request)
+    trace = record_trace(rt, None, [prompt], max_new, prompt_source="offload-rt generate",
+                         **trace_kwargs(args), **request)
     result = rt.last_result
     assert result is not None
     return Output(result.text, prompt, list(result.token_ids), result.finish_reason,
-                  rt.stats_dict(time.perf_counter() - start))
+                  rt.stats_dict(time.perf_counter() - start)), trace
 
 
 def prompt_kwargs(args: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]:
@@ -120,25 +165,24 @@ def prompt_kwargs(args: argparse.Namespace, stdin: IO[str]) -> dict[str, Any]:
 
 
 def read_stdin(stdin: IO[str]) -> str:
-    """The prompt piped in, one trailing newline removed; its bytes are decoded strictly in
-    stdin's encoding, so bad bytes are an OptionError naming their offset (``decode_text``)."""
+    """The prompt piped in, one leading byte order mark (U+FEFF, as Windows editors save
+    UTF-8) and one trailing newline removed; its bytes are decoded strictly in stdin's
+    encoding, so bad bytes are an OptionError naming their offset (``decode_text``)."""
     source = "--prompt - (stdin)"
     raw = getattr(stdin, "buffer", None)
     if raw is None:  # a text stream with no bytes underneath (io.StringIO)
-        return check_text(stdin.read(), source).removesuffix("\n")
-    text = decode_text(raw.read(), source, stdin.encoding or "utf-8")
-    # as text mode reads it (universal newlines): a Windows "\r\n" becomes "\n"
-    return text.replace("\r\n", "\n").replace("\r", "\n").removesuffix("\n")
+        text = check_text(stdin.read(), source)
+    else:
+        text = decode_text(raw.read(), source, stdin.encoding or "utf-8")
+        # as text mode reads it (universal newlines): a Windows "\r\n" becomes "\n"
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.removeprefix(BOM).removesuffix("\n")
 
 
 def print_stream(rt: Runtime, request: dict[str, Any], out: IO[str], err: IO[str]) -> None:
     """Write text pieces as they come, then a newline; then the summary line on ``err``."""
     start = time.perf_counter()
-    for piece in rt.stream(**request):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
-    out.flush()
+    stream_pieces(rt.stream(**request), out)
     result = rt.last_result
     reason = result.finish_reason if result is not None else None
     print(summary_line(rt.stats_dict(time.perf_counter() - start), reason), file=err, flush=True)

@@ -15,10 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cache_policies.policy_errors import PolicyHookError
 from cache_policies.sim_report import DEFAULT_POLICIES, Row, compare, format_table, rows_json
 from cache_policies.synthetic import SyntheticSpec, synthetic_trace
 from cache_policies.trace import Trace, read_trace, write_trace
-from offload_rt.errors import OptionError
+from offload_rt.cli_checks import check_output_path, write_output
+from offload_rt.errors import OptionError, PolicyError
+from offload_rt.text_input import BOM, check_text, decode_text
 
 DEFAULT_CAPACITIES = (2, 4, 6)
 
@@ -49,8 +52,8 @@ def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] 
                      help="model prefetch: recorded predictions are loaded before the next "
                           "layer runs (opt stays demand-only; a trace recorded with "
                           "--prefetch 0 has none: a note says so)")
-    sim.add_argument("--expert-bytes", metavar="N", type=int, default=None,
-                     help="bytes of one expert for MB/token (default: the trace's)")
+    sim.add_argument("--expert-bytes", metavar="N", type=_positive, default=None,
+                     help="bytes of one expert for MB/token, >= 1 (default: the trace's)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     out.add_argument("--per-layer", action="store_true", help="add per-layer hit rates to the table")
@@ -85,26 +88,36 @@ def _add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Load or generate traces, compare policies, print; errors become ``OptionError``."""
+    """Load or generate traces, compare policies, print; errors become ``OptionError`` (a
+    policy's own error ``PolicyError``, naming its class and hook)."""
+    for path, flag in ((args.save_trace, "--save-trace"), (args.plot, "--plot")):
+        if path is not None:
+            check_output_path(path, flag)  # before the simulation, not after it
     rows: list[Row] = []
     for label, trace in _traces(args):
         capacities = _capacities(label, trace, args.capacity)
         try:
             rows += compare(trace, args.policies, capacities, per_layer=args.pool == "layer",
                             prefetch=args.prefetch, label=label, expert_bytes=args.expert_bytes)
+        except PolicyHookError as exc:
+            raise PolicyError(f"{label}: {exc}") from exc
         except ValueError as exc:
             raise OptionError(f"{label}: {exc}") from exc
     if args.plot is not None:
-        from cache_policies.plot import plot_hit_rates
-
-        try:
-            plot_hit_rates(rows, args.plot)
-        except RuntimeError as exc:
-            raise OptionError(str(exc)) from exc
-        print(f"wrote {args.plot}", file=sys.stderr)
+        _plot(rows, args.plot)
     print(rows_json(rows) if args.json else format_table(rows, per_layer=args.per_layer),
           flush=True)
     return 0
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    from cache_policies.plot import plot_hit_rates
+
+    try:
+        write_output(path, "--plot", lambda p: plot_hit_rates(rows, p))
+    except RuntimeError as exc:  # matplotlib missing
+        raise OptionError(str(exc)) from exc
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _capacities(label: str, trace: Trace, given: list[int] | None) -> list[int]:
@@ -142,7 +155,7 @@ def _traces(args: argparse.Namespace) -> list[tuple[str, Trace]]:
         raise OptionError(f"--synthetic: {exc}") from exc
     trace = synthetic_trace(spec)
     if args.save_trace is not None:
-        write_trace(args.save_trace, trace)
+        write_output(args.save_trace, "--save-trace", lambda p: write_trace(p, trace))
     return [("synthetic", trace)]
 
 
@@ -151,6 +164,16 @@ def _names(text: str) -> list[str]:
     if not names:
         raise argparse.ArgumentTypeError("expected comma-separated names, e.g. lru,opt")
     return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _ints(text: str) -> list[int]:
@@ -218,26 +241,51 @@ def add_trace_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | N
 
 
 def run_trace(args: argparse.Namespace) -> int:
+    """Check every flag and input, load, generate for each prompt, write the trace."""
     import offload_rt
+    from offload_rt.cli_checks import (
+        check_sampling_fields,
+        check_sampling_flags,
+        require_tokenizer,
+    )
     from offload_rt.cli_options import model_dir, runtime_options, sampling_kwargs
     from offload_rt.trace_recorder import record_trace
 
-    prompts: list[str | list[int]] = [*args.prompt, *args.prompt_ids]
+    texts = [check_text(text, "--prompt") for text in args.prompt]
     if args.prompts_file is not None:
-        lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
-        prompts += [line for line in lines if line.strip()]
+        texts += read_prompts_file(args.prompts_file)
+    prompts: list[str | list[int]] = [*texts, *args.prompt_ids]
     if not prompts:
         raise OptionError("give at least one --prompt, --prompt-ids or --prompts-file")
+    if texts:
+        require_tokenizer(model_dir(args), "text prompts", "give them as token ids with "
+                          "--prompt-ids 1,2,3")
+    check_sampling_flags(args)
+    check_output_path(args.trace_output, "--output")
     request = sampling_kwargs(args)
+    check_sampling_fields(model_dir(args), args, request["temperature"])
     max_new = request.pop("max_new_tokens")
     source = str(args.prompts_file) if args.prompts_file else "command line"
     with offload_rt.load(model_dir(args), **runtime_options(args)) as rt:
-        trace = record_trace(rt, args.trace_output, prompts, max_new,
-                             metadata={"sampling": request}, prompt_source=source,
-                             **trace_kwargs(args), **request)
+        trace = record_trace(rt, None, prompts, max_new, metadata={"sampling": request},
+                             prompt_source=source, **trace_kwargs(args), **request)
+    write_output(args.trace_output, "--output", lambda p: write_trace(p, trace))
     print(f"wrote {args.trace_output}: {len(trace.records)} records, {trace.num_tokens} tokens",
           file=sys.stderr)
     return 0
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """The non-blank lines of ``--prompts-file``, decoded strictly as UTF-8 (one leading byte
+    order mark removed); OptionError naming the file when it is missing or unreadable, or the
+    first bad byte and its offset."""
+    source = f"--prompts-file {path}"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OptionError(f"{source}: cannot read it: {exc.strerror or exc}") from exc
+    text = decode_text(data, source).removeprefix(BOM)
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _token_ids(text: str) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import torch
 
 from offload_rt.errors import ContextLengthError, OptionError
+from offload_rt.request_checks import check_stops
 from offload_rt.sampling import Sampler, SamplingConfig, check_finite
 from offload_rt.stop_strings import StopStringFilter
 
@@ -47,23 +48,25 @@ class TextDecoder(Protocol):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """When to stop and how to pick tokens. `stop` strings end generation at the text level."""
+    """When to stop and how to pick tokens. `stop` strings end generation at the text level.
+
+    `stop` strings must be valid Unicode (a lone surrogate could never match generated text:
+    OptionError naming `stop[i]`). `max_new_tokens_source` says where `max_new_tokens` came
+    from when the caller did not give it (`GenerationDefaults.new_tokens_source`), for the
+    message of a request that does not fit the context; "" = given by the caller.
+    """
 
     max_new_tokens: int = 128
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    max_new_tokens_source: str = ""
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise OptionError(f"max_new_tokens must be an int >= 1, got {n!r}")
-        if isinstance(self.stop, str):
-            raise OptionError(f"stop must be a sequence of strings, not one string: {self.stop!r}")
-        stop = tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in stop):
-            raise OptionError(f"stop must hold non-empty strings, got {stop!r}")
-        object.__setattr__(self, "stop", stop)  # accept a list, store it immutably
+        object.__setattr__(self, "stop", check_stops(self.stop))  # a list stored immutably
 
 
 @dataclass
@@ -108,10 +111,16 @@ def _check_prompt(model: CausalLM, prompt_ids: Sequence[int], config: Generation
     needed = len(prompt_ids) + config.max_new_tokens
     if needed > model.max_seq_len:
         source = f" ({max_seq_len_source})" if max_seq_len_source else ""
+        given = config.max_new_tokens_source
+        origin = (f" (from {given}; --max-new-tokens N (API: max_new_tokens=N) overrides it)"
+                  if given else "")
+        room = model.max_seq_len - len(prompt_ids)
+        advice = (f"shorten the prompt or lower max_new_tokens (at most {room} fit after this "
+                  "prompt)" if room >= 1 else "shorten the prompt: it alone fills the context")
         raise ContextLengthError(
-            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens} = "
-            f"{needed} exceeds the context length (max_seq_len) of {model.max_seq_len}{source}; "
-            "shorten the prompt or lower max_new_tokens"
+            f"prompt of {len(prompt_ids)} tokens + max_new_tokens {config.max_new_tokens}"
+            f"{origin} = {needed} exceeds the context length (max_seq_len) of "
+            f"{model.max_seq_len}{source}; {advice}"
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from offload_rt.config import read_json
 from offload_rt.errors import CheckpointError, ContextLengthError, OptionError
 from offload_rt.model_fields import HARMLESS, HONOURED, REFUSED, token_ids
+from offload_rt.text_input import check_text
 
 FILE = "generation_config.json"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -100,12 +101,22 @@ class GenerationDefaults:
         greedy = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
         given = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         out = {k: v if v is not None else self._or(k, greedy[k]) for k, v in given.items()}
-        if out["temperature"] > 0 and self.sampling_only:
-            name, value = next(iter(self.sampling_only.items()))
-            raise OptionError(f"{self.path}: {name} {value!r} shapes sampling and offload_rt "
-                              "does not implement it; generate greedily (temperature 0) or "
-                              f"remove {name} from the file")
+        if out["temperature"] > 0:
+            chosen = ("the temperature given" if temperature is not None else
+                      f"the file's do_sample {self.do_sample}")
+            self.check_sampling(f"this request samples (temperature {out['temperature']:g}, "
+                                f"{chosen})")
         return out["temperature"], out["top_k"], out["top_p"]
+
+    def check_sampling(self, why: str) -> None:
+        """``OptionError`` when the file sets a sampling-only field offload_rt does not
+        implement; ``why`` says who chose to sample (the message names the way out)."""
+        if not self.sampling_only:
+            return
+        name, value = next(iter(self.sampling_only.items()))
+        raise OptionError(f"{self.path}: {name} {value!r} shapes sampling and offload_rt does "
+                          f"not implement it; {why}: pass --temperature 0 (API: "
+                          f"temperature=0) to generate greedily, or remove {name} from the file")
 
     def _or(self, name: str, fallback: Any) -> Any:
         value = self.default(name)
@@ -126,6 +137,17 @@ class GenerationDefaults:
                 f"room after a prompt of {prompt_tokens} tokens; pass max_new_tokens "
                 "(--max-new-tokens)")
         return self.max_length - prompt_tokens
+
+    def new_tokens_source(self, max_new_tokens: int | None) -> str:
+        """Where ``new_tokens(max_new_tokens, ...)`` takes its value from, for an error
+        message ("" when the caller gave it)."""
+        if max_new_tokens is not None:
+            return ""
+        if self.max_new_tokens is not None:
+            return f"max_new_tokens in {self.path}"
+        if self.max_length is not None:
+            return f"max_length {self.max_length} in {self.path}, minus the prompt"
+        return f"offload_rt's default, DEFAULT_MAX_NEW_TOKENS = {DEFAULT_MAX_NEW_TOKENS}"
 
     def stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
         """The caller's stop strings when given (an empty list disables the file's)."""
@@ -199,4 +221,9 @@ def _strings(data: dict[str, Any], name: str, path: Path) -> tuple[str, ...] | N
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values):
         raise _bad(path, name, "a string or a list of non-empty strings", value)
+    for index, text in enumerate(values):  # JSON can spell a lone surrogate ("\ud800")
+        try:
+            check_text(text, f"{path}: field '{name}'[{index}]")
+        except OptionError as exc:
+            raise CheckpointError(str(exc)) from None
     return tuple(values)

@@ -2,6 +2,12 @@
 
 `check_finite` refuses a vector with NaN or +inf first: greedy would pick id 0 (argmax of NaN)
 and sampling would fail inside torch.multinomial.
+
+Any temperature > 0 samples, however small: the logits are divided by it in float64 after
+subtracting their maximum, so the most likely token scores exactly 0 and every other one a
+finite negative number or -inf (float64's smallest positive temperature, 5e-324, included);
+the rest runs in float32. In float32 a temperature below 1.4e-45 rounds to 0, and 0 / 0 gave
+NaN probabilities.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.errors import NumericalError, OptionError
+from offload_rt.request_checks import check_seed
 
 FLOAT16_MAX = 65504.0  # largest finite float16 (IEEE 754 binary16)
 
@@ -21,7 +28,8 @@ class SamplingConfig:
     """How to choose each token. temperature 0 means greedy (deterministic, no randomness used).
 
     top_k 0 and top_p 1.0 disable those filters. seed None draws a fresh seed per Sampler, so runs
-    differ; any int makes the token sequence reproducible for identical logits.
+    differ; an int in 0..2**64 - 1 makes the token sequence reproducible for identical logits
+    (``request_checks.check_seed``: OptionError outside it).
     """
 
     temperature: float = 0.0
@@ -42,10 +50,7 @@ class SamplingConfig:
             raise OptionError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
             raise OptionError(f"top_p must be in (0, 1] (1 = disabled), got {self.top_p}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
-        ):
-            raise OptionError(f"seed must be an int or None, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -82,8 +87,12 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution `sample` draws from (temperature > 0): float32 [vocab], sums to 1."""
         logits = logits.to(torch.float32)
-        # Shift first so a tiny temperature cannot turn the maximum into inf (inf - inf = NaN).
-        scaled = (logits - logits.max()) / self.config.temperature
+        # Shift first, so the maximum scores 0 (never inf - inf = NaN), then divide in float64,
+        # where any positive temperature stays positive (module docstring); back in float32 a
+        # quotient below its range is -inf, a probability of 0.
+        shifted = (logits - logits.max()).to(torch.float64)
+        scaled = (shifted / self.config.temperature).to(torch.float32)
+        del shifted  # freed first: the peak stays engine/work_memory.SAMPLER_BYTES_PER_ID
         scaled = _keep_top_k(scaled, self.config.top_k)
         probs = torch.softmax(scaled, dim=-1)
         probs = _keep_top_p(probs, self.config.top_p)

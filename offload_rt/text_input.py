@@ -17,6 +17,7 @@ import codecs
 
 from offload_rt.errors import OptionError
 
+BOM = "\ufeff"  # U+FEFF, the byte order mark: EF BB BF at the start of "UTF-8 with BOM" files
 _ESCAPED_BYTES = range(0xDC80, 0xDD00)  # surrogateescape: U+DC80 + (byte - 0x80)
 _CONTEXT_CHARS = 20  # valid text shown before the first bad character
 

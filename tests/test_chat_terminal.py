@@ -202,16 +202,15 @@ def test_history_file_follows_xdg_state_home(monkeypatch: pytest.MonkeyPatch,
 
 def test_no_history_file_writes_nothing(model_dir: Path, tmp_path: Path,
                                         cleanup: list[Any]) -> None:
-    history = tmp_path / "h" / "chat_history"
-    child = spawn(model_dir, tmp_path / "state", *CHAT_FLAGS, "--history-file", str(history),
-                  "--no-history-file")
+    # (--history-file with --no-history-file is now a usage error: tests/test_cli_checks.py)
+    child = spawn(model_dir, tmp_path / "state", *CHAT_FLAGS, "--no-history-file")
     cleanup.append(child)
     child.sendline("/help")
     child.expect_exact("Ctrl-C stops an answer")
     child.expect_exact("> ")
     child.sendline("/exit")
     end(child)
-    assert not history.parent.exists() and not (tmp_path / "state").exists()
+    assert not (tmp_path / "state").exists()
 
 
 def test_history_file_flag_chooses_the_file(model_dir: Path, tmp_path: Path,
