@@ -8,6 +8,9 @@ The evidence behind ``offload_rt/model/cpu_linear.py``. Prints JSON:
   ``F.linear`` and ``torch.mv`` over ``--repeats`` timed batches, measured interleaved;
 * ``many_rows``: bfloat16, 16 / 128 / 512 rows (prefill shapes): ``F.linear`` against the
   float32 GEMM on the weight converted block by block (``cpu_linear._fp32_blocks``);
+* ``bf16_shapes``: RSS growth of a process running bf16 GEMMs of every row count up to
+  ``--shape-rows``, plain vs padded to ``cpu_linear.row_bucket`` (oneDNN keeps memory per row
+  count on CPUs with bf16 instructions);
 * with ``--model-dir``: that model fully resident, the rules on and off (one runtime,
   alternating): decode tokens/s (24 tokens) and time to first token of a 128-token prompt.
 """
@@ -112,6 +115,43 @@ def model_ab(model_dir: str, repeats: int) -> dict:
                                          / med["rules"]["time_to_first_token_s"], 3)}
 
 
+SHAPES_PROBE = """
+import json, sys, psutil, torch
+from offload_rt.model import cpu_linear
+torch.set_num_threads(int(sys.argv[3]))
+bucketed, rows_max = sys.argv[1] == "bucketed", int(sys.argv[2])
+weights = [torch.randn(o, i).to(torch.bfloat16) for o, i in json.loads(sys.argv[4])]
+kernel = cpu_linear.padded_linear if bucketed else torch.nn.functional.linear
+for w in weights:
+    kernel(torch.randn(1, w.shape[1]).to(torch.bfloat16), w)
+before = psutil.Process().memory_info().rss
+for rows in range(2, rows_max + 1):
+    for w in weights:
+        kernel(torch.randn(rows, w.shape[1]).to(torch.bfloat16), w)
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def bf16_shapes(shapes: dict[str, tuple[int, int]], rows_max: int) -> dict:
+    """RSS growth of a process that runs bf16 GEMMs of every row count 2..rows_max against the
+    given weights, plain ``F.linear`` vs ``cpu_linear.padded_linear`` (rows padded to
+    ``row_bucket``), each in a fresh process. On CPUs with bf16 instructions oneDNN keeps
+    memory per row count; elsewhere padding is off and both rows measure the same code."""
+    import subprocess
+
+    from offload_rt.model import cpu_linear
+
+    weights = json.dumps([list(v) for k, v in shapes.items() if k != "lm_head"])
+    out = {}
+    for mode in ("plain", "bucketed"):
+        done = subprocess.run([sys.executable, "-c", SHAPES_PROBE, mode, str(rows_max),
+                               str(torch.get_num_threads()), weights],
+                              capture_output=True, text=True, check=True)
+        out[f"{mode}_growth_mib"] = round(int(done.stdout.split()[-1]) / 2**20, 1)
+    return {"native_bf16": cpu_linear.native_bf16(), "row_counts": rows_max - 1,
+            "weights": len(json.loads(weights)), **out}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
@@ -120,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inter", type=int, default=3584)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--model-dir", help="also time that model resident, rules on and off")
+    p.add_argument("--shape-rows", type=int, default=128,
+                   help="bf16_shapes: GEMMs of every row count up to this")
     a = p.parse_args(argv)
     shapes = _shapes(a.hidden, a.inter, a.vocab)
     doc = {"benchmark": "linear", "torch": torch.__version__,
            "threads": torch.get_num_threads(),
            "one_row": one_row(shapes, a.repeats, a.iters),
-           "many_rows": many_rows(shapes, a.repeats, a.iters)}
+           "many_rows": many_rows(shapes, a.repeats, a.iters),
+           "bf16_shapes": bf16_shapes(shapes, a.shape_rows)}
     if a.model_dir:
         doc["model"] = model_ab(a.model_dir, a.repeats)
     print(json.dumps(doc))

@@ -5,8 +5,10 @@ Each subcommand lives in its own module and registers itself with one function
 ``run(args) -> int``) as a parser default. Adding ``chat`` or ``bench`` is one import and one entry
 in ``SUBCOMMANDS``; nothing here changes otherwise.
 
-Exit codes: 0 success; 2 a usage error or any ``OffloadError`` (one ``offload-rt: error: ...``
-line on stderr, no traceback); 130 interrupted (Ctrl-C); 1 stdout closed early (broken pipe).
+Exit codes (``EXIT_STATUS``, also shown by ``offload-rt --help``): 0 success; 2 a usage error
+or any ``OffloadError`` (one ``offload-rt: error: ...`` line on stderr, no traceback); 130
+interrupted (Ctrl-C); 1 stdout closed early (broken pipe, e.g. ``| head``): the rest of the
+output is dropped without a message, as Unix filters do, for every subcommand.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ from offload_rt import __version__
 from offload_rt.cli_bench import add_bench_parser
 from offload_rt.cli_chat import add_chat_parser
 from offload_rt.cli_generate import add_generate_parser
+from offload_rt.cli_quantize import add_quantize_parser
 from offload_rt.cli_simulate import add_simulate_parser, add_trace_parser
+from offload_rt.cli_stream import EXIT_STATUS
 from offload_rt.errors import OffloadError
 
 PROG = "offload-rt"
 SUBCOMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
-    add_generate_parser, add_chat_parser, add_bench_parser, add_trace_parser, add_simulate_parser)
+    add_generate_parser, add_chat_parser, add_bench_parser, add_trace_parser, add_simulate_parser,
+    add_quantize_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Run Mixtral-family MoE models with expert offloading.")
+        prog=PROG, description="Run Mixtral-family MoE models with expert offloading.",
+        epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)

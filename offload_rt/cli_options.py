@@ -13,7 +13,7 @@ from typing import Any
 from cache_policies.registry import available_policies, policy_class
 from offload_rt.demo import DEMO_CACHE_EXPERTS, demo_model_dir, demo_options
 from offload_rt.generation_config import DEFAULT_MAX_NEW_TOKENS, read_generation_config
-from offload_rt.options import POOLS, RuntimeOptions
+from offload_rt.options import EXPERT_FORMATS, POOLS, RuntimeOptions
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 GREEDY = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0, "top_k": 0, "top_p": 1}
@@ -111,6 +111,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="always / never stream experts (default: only when they do not "
                             "fit); --no-offload is refused with --cache-experts or with a "
                             "budget too small for every expert")
+    group.add_argument("--experts", choices=EXPERT_FORMATS, default=d.experts,
+                       help="expert format: int8/int4 quantize a float folder's experts as "
+                            "they are read (int4: --device cpu only); a quantized folder runs "
+                            "as its own format only (default: the folder's)")
+    group.add_argument("--group-size", metavar="N", type=int, default=d.group_size,
+                       help="int4 group size: 32, 64, 128 or 256, dividing the hidden and "
+                            "intermediate sizes (default: 64); with --experts int4 only")
 
 
 def policy_spec(spec: str) -> str:
@@ -133,7 +140,8 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
             "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
             "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
-            "max_seq_len": args.max_seq_len, "offload": args.offload}
+            "max_seq_len": args.max_seq_len, "offload": args.offload,
+            "experts": args.experts, "group_size": args.group_size}
     return demo_options(opts) if args.model_dir is None else opts
 
 

@@ -16,7 +16,9 @@ from typing import Any
 from offload_rt.errors import CheckpointError
 
 HONOURED, HARMLESS, REFUSED = "honoured", "harmless", "refused"
-FORMATS = "float32/bfloat16/float16 safetensors"
+FORMATS = ("float32/bfloat16/float16 safetensors, or folders quantized by offload-rt quantize "
+           "(quant_method offload_rt)")
+OWN_QUANT_METHOD = "offload_rt"  # docs/quantized_format.md; read by quant/folder.py
 
 HF_FIELDS: dict[str, str] = {
     **dict.fromkeys((
@@ -24,14 +26,15 @@ HF_FIELDS: dict[str, str] = {
         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
         "num_local_experts", "num_experts_per_tok", "rms_norm_eps", "tie_word_embeddings",
         "max_position_embeddings", "sliding_window", "rope_parameters", "rope_theta",
-        "rope_scaling", "hidden_act", "eos_token_id", "dtype", "torch_dtype"), HONOURED),
+        "rope_scaling", "hidden_act", "eos_token_id", "dtype", "torch_dtype",
+        "quantization_config"), HONOURED),
     **dict.fromkeys((
         "bos_token_id", "pad_token_id", "attention_dropout", "router_jitter_noise",
         "router_aux_loss_coef", "output_router_logits", "initializer_range", "use_cache",
         "output_attentions", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
         "is_encoder_decoder", "id2label", "label2id", "problem_type", "transformers_version",
         "_name_or_path"), HARMLESS),
-    **dict.fromkeys(("quantization_config", "attention_bias", "mlp_bias"), REFUSED),
+    **dict.fromkeys(("attention_bias", "mlp_bias"), REFUSED),
 }
 
 MISTRAL_FIELDS: dict[str, str] = {
@@ -58,10 +61,11 @@ def quantized_error(path: Path, what: str) -> CheckpointError:
 
 
 def check_hf_fields(data: dict[str, Any], path: Path) -> None:
-    """Refuse the config.json fields whose values we do not implement."""
+    """Refuse the config.json fields whose values we do not implement (a quantization_config
+    other than offload_rt's own, read by ``quant.folder``)."""
     quant = data.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+    if quant is not None and method != OWN_QUANT_METHOD:
         raise quantized_error(path, f"quantization_config with quant_method {method}")
     for name in ("attention_bias", "mlp_bias"):
         if data.get(name):

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 POOLS = ("auto", "layer", "global")
+EXPERT_FORMATS = ("float", "int8", "int4")  # quant.formats.NAMES (that module imports torch)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class RuntimeOptions:
 
     ``offload``: None = offload only when the experts do not fit the budget, True = always run
     through the expert cache, False = keep every expert resident.
+
+    ``experts``: the experts' format, None = the folder's (float, or a quantized folder's
+    records); ``int8``/``int4`` on a float folder quantize each expert as it is read
+    (``offload_rt.quant.select``). ``group_size``: int4's group (default 64), with
+    ``experts="int4"`` only.
 
     Options that contradict each other raise ``OptionError`` naming both (``check_combination``);
     a budget of 'auto' means exactly what leaving it out (None) means.
@@ -41,6 +47,8 @@ class RuntimeOptions:
     prefill_chunk: int = 512
     offload: bool | None = None
     drop_page_cache: bool = True  # expert reads bypass the page cache (see README)
+    experts: str | None = None  # None: the folder's format; "float", "int8", "int4"
+    group_size: int | None = None  # int4 only; None: 64
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -64,6 +72,11 @@ class RuntimeOptions:
                               "(offload-rt simulate), not live")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
+        if self.experts is not None and self.experts not in EXPERT_FORMATS:
+            raise OptionError(f"--experts {self.experts!r}: choose one of "
+                              f"{', '.join(EXPERT_FORMATS)}")
+        if self.group_size is not None and self.group_size < 1:
+            raise OptionError(f"--group-size must be >= 1, got {self.group_size}")
         self.check_combination()
 
     def check_combination(self) -> None:
@@ -74,6 +87,11 @@ class RuntimeOptions:
                 f"(cache_experts={self.cache_experts}, offload=False): --cache-experts sizes "
                 "the offloaded expert cache, --no-offload keeps every expert resident; "
                 "drop one")
+        if self.group_size is not None and self.experts != "int4":
+            raise OptionError(
+                f"--group-size {self.group_size} applies to --experts int4 only (group_size="
+                f"{self.group_size}, experts={self.experts!r}): int8 has one scale per output "
+                "channel, float none; drop --group-size or add --experts int4")
         if budget_given(self.gpu_memory) and self.device == "cpu":
             raise OptionError(
                 f"--gpu-memory {self.gpu_memory} has no effect with --device cpu "

@@ -30,6 +30,7 @@ from offload_rt.model.build import Progress, build_trunk
 from offload_rt.model.experts import ExpertProvider
 from offload_rt.options import RuntimeOptions
 from offload_rt.prompt import check_ids, encode_messages, encode_text
+from offload_rt.quant.select import select_format
 from offload_rt.runtime_plan import plan_runtime
 from offload_rt.sampling import SamplingConfig
 from offload_rt.stream_decoder import StreamDecoder
@@ -70,8 +71,10 @@ class Runtime:
         self.last_result: GenerationResult | None = None
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
+        self.expert_format = select_format(ckpt, options.experts, options.group_size,
+                                           self.dtype, self.device)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
-                                 file_dtype=ckpt.dtype)
+                                 file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
         self.model = self.experts = None  # type: ignore[assignment]
         stage = "trunk"
         try:  # a failure frees what was built (prefetch thread, slots, files), then is raised
@@ -79,7 +82,7 @@ class Runtime:
             stage = "experts"
             self.experts = self._experts(progress)
             stage = "kv_cache"
-            self.model.attach(self.experts, self.max_seq_len)
+            self.model.attach(self.experts, self.max_seq_len, self.expert_format.ffn)
         except BaseException as exc:
             self._free_if_idle()
             if not is_out_of_memory(exc):
@@ -109,18 +112,18 @@ class Runtime:
         return self.options.cache_experts is not None or self.plan.device_slots < total
 
     def _experts(self, progress: Progress | None) -> ExpertProvider:
-        cfg, o = self.config, self.options
+        cfg, o, fmt = self.config, self.options, self.expert_format
         if not self.offloaded:
-            log.info("all %d experts resident (%s each)", cfg.num_layers * cfg.num_experts,
-                     format_size(self.plan.footprint.expert))
-            return load_resident(self.checkpoint, self.dtype, self.device, progress)
-        log.info("offloading: %d device slots (%s each), %d host slots, policy %s, prefetch %d",
-                 self.plan.device_slots, format_size(self.plan.footprint.expert),
-                 self.plan.host_slots, o.policy, o.prefetch)
+            log.info("all %d experts resident (%s each, %s)", cfg.num_layers * cfg.num_experts,
+                     format_size(self.plan.footprint.expert), fmt.name)
+            return load_resident(self.checkpoint, fmt, self.device, progress)
+        log.info("offloading: %d device slots (%s each, %s), %d host slots, policy %s, "
+                 "prefetch %d", self.plan.device_slots, format_size(self.plan.footprint.expert),
+                 fmt.name, self.plan.host_slots, o.policy, o.prefetch)
         return build_offloaded(self.checkpoint, self.model, self.plan,
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
-                               drop_page_cache=o.drop_page_cache)
+                               drop_page_cache=o.drop_page_cache, fmt=fmt)
 
     # ---- generation -------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, *,
@@ -190,6 +193,7 @@ class Runtime:
         d = self.generation_defaults
         sampling = SamplingConfig(*d.sampling(temperature, top_k, top_p), seed)
         return ids, GenerationConfig(max_new_tokens=d.new_tokens(max_new_tokens, len(ids)),
+                                     max_new_tokens_source=d.new_tokens_source(max_new_tokens),
                                      stop=d.stops(stop), ignore_eos=ignore_eos,
                                      sampling=sampling)
 

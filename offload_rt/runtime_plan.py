@@ -11,16 +11,19 @@ from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
 from offload_rt.engine.sizes import format_size, parse_size
 from offload_rt.errors import BudgetError, OptionError
 from offload_rt.options import RuntimeOptions
+from offload_rt.quant.formats import ExpertFormat
 
 
 def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 max_seq_len: int, *, file_dtype: torch.dtype) -> MemoryPlan:
-    """Slots per tier for ``o`` (``BudgetError``/``OptionError`` naming the flags)."""
+                 max_seq_len: int, *, file_dtype: torch.dtype,
+                 fmt: ExpertFormat | None = None) -> MemoryPlan:
+    """Slots per tier for ``o`` (``BudgetError``/``OptionError`` naming the flags): slots of
+    ``fmt``'s records (None: float experts in ``dtype``), read from ``file_dtype``."""
     if o.cache_experts is not None and not cfg.top_k <= o.cache_experts <= cfg.num_experts:
         raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
                           f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
     fp = footprint(cfg, dtype, max_seq_len, o.prefill_chunk, device_type=device.type,
-                   file_dtype=file_dtype)
+                   file_dtype=file_dtype, fmt=fmt)
     gpu = parse_size(o.gpu_memory, "--gpu-memory")
     cpu = parse_size(o.cpu_memory, "--cpu-memory")
     on_gpu = device.type == "cuda"

@@ -36,6 +36,9 @@ _EXPERT = {
     HF: "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
     MISTRAL: "layers.{i}.feed_forward.experts.{e}.{w}.weight",
 }
+# A quantized folder (docs/quantized_format.md, HF layout only) stores each expert as one
+# uint8 record instead of its three matrices.
+_RECORD = "model.layers.{i}.block_sparse_moe.experts.{e}.record"
 # Buffers some exporters add that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -71,3 +74,8 @@ def file_name(layout: str, canonical: str) -> str:
 def expert_name(layout: str, layer: int, expert: int, matrix: str) -> str:
     """The file name of matrix ``w1|w2|w3`` of one expert in ``layout``."""
     return _EXPERT[layout].format(i=layer, e=expert, w=matrix)
+
+
+def record_name(layer: int, expert: int) -> str:
+    """The file name of one expert's record in a quantized (HF layout) folder."""
+    return _RECORD.format(i=layer, e=expert)

@@ -153,7 +153,8 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
         max_group=experts.max_group(0), prefetch=experts.depth if offloaded else 0,
         prompt_source=prompt_source,
         metadata={"dtype": str(rt.dtype).removeprefix("torch."),
-                  "cache_experts": rt.options.cache_experts, **dict(metadata or {})})
+                  "cache_experts": rt.options.cache_experts,
+                  "experts": rt.expert_format.spec(), **dict(metadata or {})})
 
 
 def measured_stats(stats: EngineStats) -> dict[str, Any]:

@@ -400,3 +400,59 @@ def reshape_tensor(model_dir: Path, name: str, new_shape: tuple[int, ...]) -> Pa
 def remove_shard(model_dir: Path, shard_file: str) -> None:
     """Delete one shard and leave the index (if any) pointing at it."""
     (Path(model_dir) / shard_file).unlink()
+
+
+# --- quantized folders (docs/quantized_format.md), written independently of offload-rt quantize --
+
+
+def _record_phase(path: Path, name: str) -> int:
+    """File offset of tensor ``name`` modulo 4096."""
+    with Path(path).open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return (8 + n + header[name]["data_offsets"][0]) % 4096
+
+
+def make_quantized_checkpoint(out_dir: Path, spec: TinySpec, experts: str = "int8",
+                              group_size: int = 32, scale_dtype: torch.dtype = torch.bfloat16,
+                              record_phase: int | None = 0) -> Path:
+    """``spec``'s seeded model (as make_hf_checkpoint writes it) with every expert stored as
+    one U8 record of ``experts`` format, encoded from its weights in ``spec.dtype``, plus
+    config.json's ``quantization_config``; written with ``safetensors.torch.save_file``.
+
+    ``record_phase``: the records' file offset modulo 4096 (all records share it: U8 tensors
+    come last in a safetensors file and each is a multiple of 4096 long), reached by padding
+    the header's ``__metadata__``; 0 is where offload-rt quantize puts them. None: as
+    save_file leaves them.
+    """
+    from offload_rt.quant.formats import Int4Format, Int8Format  # the formats under test
+
+    if spec.shards != 1:
+        raise ValueError("make_quantized_checkpoint writes one file")
+    out_dir = make_hf_checkpoint(out_dir, spec)
+    h, f = spec.hidden_size, spec.intermediate_size
+    fmt = (Int8Format(h, f, scale_dtype) if experts == "int8"
+           else Int4Format(h, f, group_size, scale_dtype))
+    path = out_dir / "model.safetensors"
+    metadata, tensors = read_safetensors(path)
+    for i, e in itertools.product(range(spec.num_layers), range(spec.num_experts)):
+        prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+        w1, w3, w2 = (tensors.pop(f"{prefix}.{w}.weight") for w in ("w1", "w3", "w2"))
+        tensors[f"{prefix}.record"] = fmt.encode(w1, w3, w2)
+    save_file(tensors, path, metadata)
+    if record_phase is not None:
+        first = "model.layers.0.block_sparse_moe.experts.0.record"
+        pad = (record_phase - _record_phase(path, first)) % 4096
+        if pad % 8:
+            raise ValueError(f"record phase {record_phase} is not reachable (8-byte steps)")
+        if pad:  # '"pad":"' + '",' are 10 JSON bytes besides the x's: rounds to 8 with them
+            base = {**(metadata or {}), "pad": ""}
+            save_file(tensors, path, base)
+            pad = (record_phase - _record_phase(path, first)) % 4096
+            save_file(tensors, path, {**base, "pad": "x" * pad})
+        assert _record_phase(path, first) == record_phase
+    config = json.loads((out_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "offload_rt", "format_version": 1,
+                                     "experts": fmt.spec(), "record_bytes": fmt.nbytes}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

@@ -90,13 +90,16 @@ def test_gpu_bench_skips_cleanly_without_cuda() -> None:
 
 def test_linear_bench_reports_every_kernel() -> None:
     doc = _run(str(BENCH / "linear_bench.py"), "--hidden", "64", "--inter", "96", "--vocab",
-               "512", "--repeats", "1", "--iters", "2")
+               "512", "--repeats", "1", "--iters", "2", "--shape-rows", "8")
     assert doc["benchmark"] == "linear"
     assert {r["dtype"] for r in doc["one_row"]} == {"bfloat16", "float16", "float32"}
     for r in doc["one_row"]:
         assert r["linear_us"] > 0 and r["mv_us"] > 0 and r["linear_over_mv"] > 0
     assert {r["rows"] for r in doc["many_rows"]} == {16, 128, 512}
     assert all(r["linear_over_fp32_blocks"] > 0 for r in doc["many_rows"])
+    shapes = doc["bf16_shapes"]
+    assert shapes["row_counts"] == 7 and shapes["weights"] == 4
+    assert {"plain_growth_mib", "bucketed_growth_mib", "native_bf16"} <= set(shapes)
 
 
 def test_reader_bench_runs_every_read_mode(tiny_bench: tuple[dict, dict]) -> None:

@@ -50,6 +50,10 @@ import offload_rt
 options = {"offload": False} if mode == "resident" else {"cpu_memory": budget, "pool": "global"}
 rt = offload_rt.load(model_dir, prefill_chunk=chunk, max_seq_len=64, **options)
 out = rt.generate(list(range(1, 17)), max_new_tokens=new_tokens, ignore_eos=True)
+if mode == "varied":  # a session of prompts of every length: GEMMs of every row count
+    for n in range(1, 64 - new_tokens):
+        rt.generate([(7 * i + n) % 120 + 1 for i in range(n)], max_new_tokens=2,
+                    ignore_eos=True)
 print(json.dumps({
     "baseline": baseline, "peak": peak_rss_bytes(), "offloaded": rt.offloaded,
     "fixed": rt.plan.footprint.fixed, "slot_bytes": rt.experts.device.slots.nbytes
@@ -87,7 +91,11 @@ def big_model(request: pytest.FixtureRequest,
               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Footprint, int]:
     """A checkpoint of ``BIG`` in the parameter's dtype, its footprint (computed in that dtype,
     one thread, as the probe runs) and the budget that holds 3 experts."""
-    spec = dataclasses.replace(BIG, dtype=request.param)
+    # bfloat16 on a CPU with bf16 instructions budgets ~34 MiB of oneDNN kernel state
+    # (footprint.kernels) whatever the depth: twice the layers keep its checkpoint >= 5x the
+    # budget
+    layers = BIG.num_layers * (2 if request.param == torch.bfloat16 else 1)
+    spec = dataclasses.replace(BIG, dtype=request.param, num_layers=layers)
     model_dir = write_big_checkpoint(tmp_path_factory.mktemp("big"), spec)
     fp = footprint(Checkpoint.open(model_dir).config, request.param, MAX_SEQ, BIG_CHUNK,
                    file_dtype=request.param)
@@ -131,3 +139,29 @@ def test_resident_run_breaks_the_bound(tmp_path: Path,
     r = _run(tmp_path, model_dir, "resident", budget)
     assert not r["offloaded"]
     assert r["peak"] > r["baseline"] + budget + RSS_ALLOWANCE + 100 * MiB
+
+
+def test_a_session_of_every_prompt_length_stays_within_the_bound(
+        tmp_path: Path, big_model: tuple[Path, Footprint, int]) -> None:
+    """Prompts of 1..47 tokens in one runtime (prefill chunk 64): every GEMM row count from 1
+    to 64 runs. oneDNN's bf16 kernels keep ~0.7 MiB per (weight shape, row count) for the
+    process's life; without ``cpu_linear.row_bucket`` a session grew by 361 MiB over 57
+    prompt lengths of the demo model. Row counts are padded to buckets and the budget's work
+    term counts what the buckets cost (``work_memory.onednn_shapes``)."""
+    model_dir, _, _ = big_model
+    ckpt = Checkpoint.open(model_dir)
+    dtype = ckpt.dtype  # the fixture's parameter: float32 or bfloat16 files, computed as stored
+    fp = footprint(ckpt.config, dtype, MAX_SEQ, MAX_SEQ, file_dtype=dtype)
+    budget = fp.fixed + BIG_SLOTS * fp.slot
+    script = tmp_path / "rss_probe.py"
+    script.write_text(textwrap.dedent(RSS_SCRIPT))
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), "varied", str(budget),
+                           str(MAX_SEQ), str(NEW_TOKENS)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    beyond = r["peak"] - r["baseline"] - budget
+    print(f"{dtype}: budget {budget / MiB:.1f} MiB, {beyond / MiB:+.1f} MiB beyond baseline + "
+          "budget")
+    assert r["offloaded"]
+    assert r["peak"] <= r["baseline"] + budget + RSS_ALLOWANCE, beyond / MiB

@@ -86,6 +86,9 @@ CASES = {  # name: (config fields, dtype, tokens of the forward, positions atten
                            torch.float32, 1024, 2048),
     "wide-experts": ({"hidden_size": 512, "intermediate_size": 1536, "num_heads": 8,
                       "head_dim": 64}, torch.bfloat16, 256, 256),
+    # the MoE phase peaks in the second expert's FFN, the first one's output still held
+    "wide-experts-float32": ({"hidden_size": 512, "intermediate_size": 1536, "num_heads": 8,
+                              "head_dim": 64}, torch.float32, 256, 256),
     "long-context-decode": ({"hidden_size": 256, "intermediate_size": 512, "num_heads": 8},
                             torch.float32, 1, 4096),
 }

@@ -17,33 +17,43 @@ from offload_rt.engine.prefetch import NextLayerPredictor
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.transfer import CudaHostToDevice, HostToDevice
 from offload_rt.model.transformer import Transformer
+from offload_rt.quant.formats import ExpertFormat, FloatFormat
+from offload_rt.quant.reader import QuantizingReader, reader_for
 
 
-def disk_reader(ckpt: Checkpoint, drop_page_cache: bool) -> ExpertReader:
-    """Reads one expert from the safetensors files straight into a packed slot; with
+def disk_reader(ckpt: Checkpoint, drop_page_cache: bool, fmt: ExpertFormat | None = None
+                ) -> ExpertReader | QuantizingReader:
+    """Reads one expert from the safetensors files into a slot of ``fmt`` (None: float in
+    the file's dtype): straight in, or quantized on the way (``quant.reader``); with
     ``drop_page_cache`` by ``O_DIRECT``, bypassing the page cache."""
-    return ExpertReader(ckpt, direct=drop_page_cache)
+    if fmt is None:
+        return ExpertReader(ckpt, direct=drop_page_cache)
+    return reader_for(ckpt, fmt, direct=drop_page_cache)
 
 
 def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,
                     policy_factory: Callable[[], CachePolicy], *, dtype: torch.dtype,
                     device: torch.device, prefetch_depth: int, drop_page_cache: bool,
-                    reader: Reader | None = None) -> OffloadedExperts:
-    """Slot pools allocated once, caches over them, and the prefetch predictor."""
+                    reader: Reader | None = None,
+                    fmt: ExpertFormat | None = None) -> OffloadedExperts:
+    """Slot pools of ``fmt``'s records (None: float experts in ``dtype``) allocated once,
+    caches over them, and the prefetch predictor."""
     cfg = ckpt.config
-    numel = cfg.expert_numel
+    fmt = fmt or FloatFormat(cfg.hidden_size, cfg.intermediate_size, dtype)
+    numel, storage = fmt.numel, fmt.storage_dtype
     dev_cache = ExpertCache("device", plan.device_slots_per_pool, plan.num_pools, policy_factory)
-    device_tier = Tier(dev_cache, SlotPool(dev_cache.num_slots, numel, dtype, device))
+    device_tier = Tier(dev_cache, SlotPool(dev_cache.num_slots, numel, storage, device))
     host_tier, h2d = None, HostToDevice()
     if device.type == "cuda":
         host_cache = ExpertCache("host", plan.host_slots, 1, policy_factory)
-        host_tier = Tier(host_cache, SlotPool(plan.host_slots, numel, dtype,
+        host_tier = Tier(host_cache, SlotPool(plan.host_slots, numel, storage,
                                               torch.device("cpu"), pin_memory=True))
         h2d = CudaHostToDevice(device, dev_cache.num_slots)
     predictor = NextLayerPredictor([b.ffn_norm for b in trunk.layers],
                                    [b.router for b in trunk.layers], cfg.top_k)
-    return OffloadedExperts(device_tier, reader or disk_reader(ckpt, drop_page_cache),
-                            plan.footprint.expert, placement=ExpertPlacement(ckpt, dtype, device),
+    return OffloadedExperts(device_tier, reader or disk_reader(ckpt, drop_page_cache, fmt),
+                            plan.footprint.expert,
+                            placement=ExpertPlacement.for_format(ckpt, fmt, device),
                             host=host_tier, h2d=h2d,
                             predictor=predictor, prefetch_depth=prefetch_depth,
                             per_layer=plan.num_pools > 1)

@@ -15,8 +15,9 @@ import torch
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN
 from offload_rt.engine.sizes import format_size
-from offload_rt.engine.work_memory import work_bytes
+from offload_rt.engine.work_memory import onednn_shapes, work_bytes
 from offload_rt.errors import BudgetError
+from offload_rt.quant.formats import ExpertFormat
 
 AUTO_RAM_FRACTION = 0.85  # of available RAM when a budget is 'auto'
 AUTO_GPU_MARGIN = 512 * 2**20  # left free on the GPU for the CUDA context and allocator slack
@@ -29,13 +30,14 @@ class Footprint:
     trunk: int
     kv_cache: int
     work: int
-    expert: int  # one packed expert, compute dtype
+    expert: int  # one expert's buffer: packed float in the compute dtype, or its record
     kv_positions: int = 0  # positions each layer's KV cache holds
     kv_window: int | None = None  # set when those are a rolling sliding window
+    kernels: int = 0  # GEMM library state kept per shape run (work_memory.onednn_shapes)
 
     @property
     def fixed(self) -> int:
-        return self.trunk + self.kv_cache + self.work
+        return self.trunk + self.kv_cache + self.work + self.kernels
 
     @property
     def slot(self) -> int:
@@ -59,12 +61,16 @@ class MemoryPlan:
 
 
 def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
-              device_type: str = "cpu", file_dtype: torch.dtype | None = None) -> Footprint:
+              device_type: str = "cpu", file_dtype: torch.dtype | None = None,
+              fmt: ExpertFormat | None = None) -> Footprint:
     """Bytes of the trunk, KV cache and the largest activations of a ``chunk``-token forward.
 
     ``work`` is what a run allocates beyond weights and KV cache on ``device_type``
     (``work_memory.work_bytes``: the largest forward, sampling, expert-read buffers when
-    ``file_dtype`` differs from ``dtype``), measured in ``tests/test_work_memory.py``.
+    ``file_dtype``, the experts' stored dtype, differs from what their slots hold), measured in
+    ``tests/test_work_memory.py``. ``expert`` is one expert's bytes in its slot: ``fmt``'s
+    ``nbytes`` (a record of an int8 or int4 ``fmt``), by default ``cfg.expert_numel`` elements
+    of ``dtype``.
 
     The KV cache holds ``cfg.kv_positions(max_seq_len)`` positions per layer: all of them, or
     with a sliding window W < max_seq_len a rolling W (plus, while a prefill chunk runs past a
@@ -81,14 +87,21 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int
     if rolling:  # a prefill chunk past a full window also attends over [window; chunk] keys
         kv_cache += item * 2 * (held + min(chunk, max_seq_len)) * kv  # one layer at a time
     work = work_bytes(cfg, dtype, max_seq_len, chunk, kv_positions=held,
-                      device_type=device_type, file_dtype=file_dtype)
-    return Footprint(trunk, kv_cache, work, item * cfg.expert_numel, held, rolling)
+                      device_type=device_type, file_dtype=file_dtype, fmt=fmt)
+    expert = item * cfg.expert_numel if fmt is None else fmt.nbytes
+    kernels = onednn_shapes(cfg, dtype, min(chunk, max_seq_len), fmt) \
+        if device_type == "cpu" else 0
+    return Footprint(trunk, kv_cache, work, expert, held, rolling, kernels)
 
 
 def _kv_text(fp: Footprint) -> str:
     """'512.0 MiB', or with a rolling window '4.0 MiB, a rolling window of 16 positions'."""
     size = format_size(fp.kv_cache)
     return f"{size}, a rolling window of {fp.kv_window} positions" if fp.kv_window else size
+
+
+def _kernels_text(fp: Footprint) -> str:
+    return f", GEMM kernels ({format_size(fp.kernels)})" if fp.kernels else ""
 
 
 def available_ram() -> int:
@@ -103,7 +116,7 @@ def available_gpu(device: torch.device) -> int:
 def _shrink_hint(fp: Footprint, slots: int, per_layer: bool) -> str:
     """How to shrink the largest part of the minimum budget (the BudgetError's advice)."""
     parts = {"trunk": fp.trunk, "KV cache": fp.kv_cache, "work buffers": fp.work,
-             "expert slots": slots * fp.slot}
+             "GEMM kernels": fp.kernels, "expert slots": slots * fp.slot}
     largest = max(parts, key=lambda k: parts[k])
     advice = {
         "trunk": "a 16-bit --dtype halves it if it runs in float32",
@@ -111,6 +124,8 @@ def _shrink_hint(fp: Footprint, slots: int, per_layer: bool) -> str:
                      if fp.kv_window is None else
                      f"lower --max-seq-len below the model's sliding window of {fp.kv_window} "
                      "positions (the cache never holds more than the window)"),
+        "GEMM kernels": "lower prefill_chunk (oneDNN keeps ~0.7 MiB per matrix and row count "
+                        "up to a chunk's tokens) or --dtype float32",
         "work buffers": "lower prefill_chunk (a load() option, 512 by default: they grow with "
                         "a prefill chunk's tokens) or --max-seq-len",
         "expert slots": ("--pool global needs top_k slots, not top_k per layer" if per_layer
@@ -144,7 +159,8 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
         raise BudgetError(
             f"{which} {format_size(budget)} cannot run this model: the trunk "
             f"({format_size(fp.trunk)}), KV cache ({_kv_text(fp)}), work buffers "
-            f"({format_size(fp.work)}) and {minimum * pools} expert slots of {format_size(fp.slot)}"
+            f"({format_size(fp.work)}){_kernels_text(fp)} and {minimum * pools} expert slots "
+            f"of {format_size(fp.slot)}"
             f" ({minimum} per {'layer' if per_layer else 'step'}) need at least "
             f"{format_size(need_min)} ({need_min} bytes); raise it, or "
             f"{_shrink_hint(fp, minimum * pools, per_layer)}")

@@ -19,8 +19,13 @@ addresses themselves, so a path that breaks the rule fails on any CPU, not only 
 kernels are sensitive.
 
 * ``read_phase``: where a slot that the disk fills holds the expert: the file offset's phase
-  when the file dtype is the compute dtype (the disk DMAs straight into it), else 0 (the bytes
-  are converted on the way anyway).
+  when the file dtype is the slot's dtype (the disk DMAs straight into it) and the phase is a
+  multiple of the alignment the expert's format needs, else 0 (the bytes are converted or
+  encoded on the way, or bounced in: ``direct_io``). A float expert needs its item size; a
+  record (``quant.record``) 64 bytes, so each of its typed parts (int8 or packed int4
+  weights, 16-bit scales) is aligned for its dtype and vector loads (torch 2.13's CPU int8
+  kernel crashed with a segmentation fault on a record at phase 200 on this project's AVX-512
+  machine: ``tests/test_quant_placement.py``).
 * ``compute_phase``: where kernels read it: ``read_phase`` on a CPU, whose RAM slots are what
   the disk fills; 0 on a GPU (device slots are filled by a copy; GPU kernels prefer aligned
   weights).
@@ -35,6 +40,7 @@ import torch
 from cache_policies import ExpertKey
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.direct_io import ALIGN
+from offload_rt.quant.formats import ExpertFormat
 
 
 class Placement(Protocol):
@@ -44,22 +50,31 @@ class Placement(Protocol):
 
 
 class ExpertPlacement:
-    """Phases (bytes past an ``ALIGN`` boundary) of ``ckpt``'s experts held in ``dtype`` for
-    kernels on ``device``."""
+    """Phases (bytes past an ``ALIGN`` boundary) of ``ckpt``'s experts held in ``dtype`` (the
+    slots' storage dtype) for kernels on ``device``. ``alignment``: bytes an expert's start
+    must be a multiple of (default: ``dtype``'s item size; ``for_format`` takes the format's)."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, *,
+                 alignment: int | None = None) -> None:
         self.ckpt, self.dtype, self.device = ckpt, dtype, device
-        self._itemsize = torch.empty((), dtype=dtype).element_size()
+        self.alignment = alignment or torch.empty((), dtype=dtype).element_size()
         self._phases: dict[ExpertKey, int] = {}
 
+    @classmethod
+    def for_format(cls, ckpt: Checkpoint, fmt: ExpertFormat,
+                   device: torch.device) -> ExpertPlacement:
+        """The placement of ``fmt``'s records (float experts: the compute dtype's)."""
+        return cls(ckpt, fmt.storage_dtype, device, alignment=fmt.alignment)
+
     def read_phase(self, key: ExpertKey) -> int:
-        """Phase of ``key`` in a RAM slot the disk writes: its first matrix's file offset
-        modulo ``ALIGN`` when that matrix is stored in the compute dtype, else 0."""
+        """Phase of ``key`` in a RAM slot the disk writes: its first part's file offset
+        modulo ``ALIGN`` when that part is stored in the slot's dtype and the phase is a
+        multiple of ``alignment``, else 0."""
         phase = self._phases.get(key)
         if phase is None:
-            first = self.ckpt.expert(key.layer, key.expert).matrices[0]
+            first = self.ckpt.expert(key.layer, key.expert).parts[0]
             phase = first.offset % ALIGN
-            if first.dtype != self.dtype or phase % self._itemsize:
+            if first.dtype != self.dtype or phase % self.alignment:
                 phase = 0
             self._phases[key] = phase
         return phase

@@ -23,7 +23,9 @@ import torch
 
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN, BOUNCE
+from offload_rt.engine import quant_memory
 from offload_rt.model import cpu_linear
+from offload_rt.quant.formats import ExpertFormat
 
 MiB = 2**20
 F32 = 4  # bytes of a float32: RMSNorm, router, softmax, logits and attention scores use it
@@ -36,6 +38,11 @@ FLASH_KV_BLOCK = 512  # key block of torch's CPU flash attention; its query bloc
 MKL_SCRATCH_MAX = 6 * MiB
 ONEDNN_SCRATCH = 1 * MiB
 ONEDNN_TORCH_SCRATCH = 256 * 2**10  # the part of it oneDNN takes from torch's allocator
+# oneDNN's bf16 GEMMs (CPUs with bf16 instructions) keep ~0.7 MiB per (weight shape, row
+# count) they have run, for the process's life (generated kernels, cached primitives; 33.8 MiB
+# over the 49 pairs 57 prompt lengths add to the demo model; benchmarks/linear_bench.py's
+# bf16_shapes); cpu_linear pads row counts to row_bucket's sizes so the pairs are bounded.
+ONEDNN_PER_SHAPE = 704 * 2**10
 CUDA_BLAS_WORKSPACES = 40 * MiB  # cuBLASLt's (32 MiB on Hopper, pytorch#120925) + cuBLAS's
 READERS = 2  # expert reads in flight at once: the forward's own (a miss) and the prefetch thread's
 # per vocabulary id: the sampler's float32/int64/bool copies of the logits (top-p: ~34), the
@@ -79,24 +86,30 @@ def _attention(s: _Shapes) -> int:
     return s.item * (3 * s.h + 4 * s.q + 2 * s.kv + 2 * s.head_dim) + F32 * s.heads
 
 
-def _moe(s: _Shapes, cfg: ModelConfig) -> int:
+def _moe(s: _Shapes, cfg: ModelConfig, dtype: torch.dtype, fmt: ExpertFormat | None) -> int:
     """The MoE layer: h, its normed input and the output accumulator; the router's logits,
     float32 probabilities and top-k; then one expert at a time on at most all tokens: its
-    rows of x, [w1; w3] x (2F), silu(gate) and silu(gate) * up (F each), or, while it is added
-    into the output, y, y * weight (float32), its cast, out[tok] and their sum."""
+    rows of x, [w1; w3] x (2F), silu(gate) and silu(gate) * up (F each) (a quantized
+    ``fmt``: ``quant_memory.ffn_per_token``) while the previous expert's y is still held, or,
+    while it is added into the output, y, y * weight (float32), its cast, out[tok] and their
+    sum."""
     router = cfg.num_experts * (s.item + F32 * (1 + s.upcast)) + cfg.top_k * (3 * F32 + I64)
     indices = 2 * I64 + cfg.top_k  # torch.where's token and slot ids, the top_ids == e mask
     ffn = s.item * (s.h + 4 * s.f)
+    if fmt is not None and quant_memory.quantized(fmt):
+        ffn = quant_memory.ffn_per_token(fmt, s.h, s.f, dtype)
     combine = s.item * 4 * s.h + F32 * s.h
-    return s.item * 3 * s.h + router + indices + max(ffn, combine)
+    return s.item * 3 * s.h + router + indices + max(ffn + s.item * s.h, combine)
 
 
-def _fp32_matrices(cfg: ModelConfig) -> list[tuple[int, int]]:
+def _fp32_matrices(cfg: ModelConfig, float_experts: bool = True) -> list[tuple[int, int]]:
     """(out, in) of every weight ``cpu_linear.linear`` may multiply with >= 16 rows of x:
-    wq, wk/wv, wo, an expert's [w1; w3] and w2 (the LM head sees one row per forward)."""
+    wq, wk/wv, wo, a float expert's [w1; w3] and w2 (the LM head sees one row per forward;
+    quantized experts run in their own kernels)."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     f = cfg.intermediate_size
-    return [(q, h), (kv, h), (h, q), (2 * f, h), (h, f)]
+    experts = [(2 * f, h), (h, f)] if float_experts else []
+    return [(q, h), (kv, h), (h, q), *experts]
 
 
 def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
@@ -105,11 +118,11 @@ def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
             and tokens >= cpu_linear.FP32_MIN_TOKENS)
 
 
-def _fp32_block(cfg: ModelConfig) -> tuple[int, int]:
+def _fp32_block(cfg: ModelConfig, float_experts: bool) -> tuple[int, int]:
     """(bytes per token, fixed bytes) of ``cpu_linear``'s float32 path: x in float32 and one
     block's float32 product per row; the float32 copy of one weight block."""
     per_token, fixed = 0, 0
-    for out, inp in _fp32_matrices(cfg):
+    for out, inp in _fp32_matrices(cfg, float_experts):
         rows = min(out, max(1, cpu_linear.FP32_BLOCK_BYTES // (F32 * inp)))
         per_token = max(per_token, F32 * (inp + rows))
         fixed = max(fixed, F32 * rows * inp)
@@ -145,7 +158,8 @@ def _math(s: _Shapes, tokens: int, keys: int) -> int:
 
 
 def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *,
-                 device_type: str = "cpu", threads: int = 1, window: bool = False) -> int:
+                 device_type: str = "cpu", threads: int = 1, window: bool = False,
+                 fmt: ExpertFormat | None = None) -> int:
     """Peak bytes one ``Transformer.forward(..., last_only=True)`` allocates on top of its
     weights and KV cache: ``tokens`` new tokens attending over ``keys`` positions.
 
@@ -156,13 +170,19 @@ def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *
     still holds).
     ``window``: a chunk running past a full sliding window, whose mask takes one more [T, S]
     (its concatenated keys and values are counted in the KV cache term).
+    ``fmt``: the experts' format (None: float); quantized experts add what their kernels
+    allocate (``quant_memory``).
     """
     s = _Shapes.of(cfg, dtype)
-    per_token = max(_norm(s), _attention(s), _moe(s, cfg))
+    float_experts = not quant_memory.quantized(fmt)
+    per_token = max(_norm(s), _attention(s), _moe(s, cfg, dtype, fmt))
     weight_block = 0
+    if fmt is not None and not float_experts:
+        weight_block = quant_memory.ffn_fixed(fmt, s.h, s.f, device_type)
     if _fp32_path(dtype, device_type, tokens):
-        extra, weight_block = _fp32_block(cfg)
+        extra, block = _fp32_block(cfg, float_experts)
         per_token += extra
+        weight_block = max(weight_block, block)
     scratch = 0
     if device_type == "cpu":
         attention = _flash_cpu(s, tokens, keys, threads)
@@ -182,7 +202,8 @@ def _onednn(dtype: torch.dtype, tokens: int) -> bool:
 
 
 def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
-                 device_type: str = "cpu", threads: int = 1) -> int:
+                 device_type: str = "cpu", threads: int = 1,
+                 fmt: ExpertFormat | None = None) -> int:
     """Bytes the GEMM libraries hold outside torch's allocator: on a CPU per thread, MKL's
     float32 packing buffers (float32 compute or ``cpu_linear``'s float32 path: at most
     ``MKL_SCRATCH_MAX``, less for small weights) or oneDNN's (bf16); on CUDA the cuBLAS and
@@ -191,17 +212,38 @@ def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
         return CUDA_BLAS_WORKSPACES
     if _onednn(dtype, tokens):  # its scratchpad in torch's allocator is in forward_peak
         return threads * (ONEDNN_SCRATCH - ONEDNN_TORCH_SCRATCH)
-    largest = max(out * inp for out, inp in _fp32_matrices(cfg))
+    largest = max(out * inp for out, inp in _fp32_matrices(cfg, not quant_memory.quantized(fmt)))
     return threads * min(MKL_SCRATCH_MAX, 2 * F32 * largest)
 
 
-def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype | None) -> int:
+def onednn_shapes(cfg: ModelConfig, dtype: torch.dtype, tokens: int,
+                  fmt: ExpertFormat | None = None) -> int:
+    """Bytes oneDNN keeps for every GEMM shape a session can run (``ONEDNN_PER_SHAPE`` per
+    distinct weight shape x padded row count ``cpu_linear.row_bucket`` up to ``tokens``; the LM
+    head sees one row): 0 unless bf16 runs in oneDNN's kernels (a CPU with bf16
+    instructions)."""
+    if dtype != torch.bfloat16 or not cpu_linear.native_bf16():
+        return 0
+    buckets = len({cpu_linear.row_bucket(rows) for rows in range(1, tokens + 1)})
+    weights = set(_fp32_matrices(cfg, not quant_memory.quantized(fmt)))
+    weights.add((cfg.num_experts, cfg.hidden_size))  # the router
+    return ONEDNN_PER_SHAPE * (buckets * len(weights) + 1)
+
+
+def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype | None,
+                 fmt: ExpertFormat | None = None) -> int:
     """Host bytes the expert reads in flight use besides their slots (``Checkpoint
     .read_expert_into``): a matrix read in its file dtype before conversion, which cannot land
     in place, so it passes through a bounce buffer of up to ``direct_io.BOUNCE`` bytes; without
-    conversion only the < 4 KiB head and tail of each matrix are bounced."""
-    if file_dtype is None or file_dtype == dtype:
+    conversion only the < 4 KiB head and tail of each matrix (or record) are bounced. Float
+    experts quantized as they are read (``fmt`` quantized, ``file_dtype`` a float dtype):
+    ``quant_memory.encode_bytes`` per read."""
+    stored = dtype if fmt is None else fmt.storage_dtype
+    if file_dtype is None or file_dtype == stored:
         return READERS * 3 * ALIGN
+    if fmt is not None and quant_memory.quantized(fmt):
+        return READERS * quant_memory.encode_bytes(fmt, cfg.hidden_size, cfg.intermediate_size,
+                                                   file_dtype)
     matrix = cfg.intermediate_size * cfg.hidden_size * torch.empty(
         (), dtype=file_dtype).element_size()
     return READERS * (matrix + min(BOUNCE, matrix) + 2 * ALIGN)
@@ -209,7 +251,8 @@ def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype |
 
 def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
                kv_positions: int | None = None, device_type: str = "cpu",
-               file_dtype: torch.dtype | None = None, threads: int | None = None) -> int:
+               file_dtype: torch.dtype | None = None, threads: int | None = None,
+               fmt: ExpertFormat | None = None) -> int:
     """The ``work`` term of the device budget for a context of ``max_seq_len`` positions
     prefilled ``chunk`` tokens at a time; ``kv_positions``: the KV cache's capacity when a
     sliding window makes it smaller than the context.
@@ -220,6 +263,8 @@ def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: in
     device is RAM) also the sampler's copies of the logits and the expert-read buffers
     (``reader_bytes``). ``threads``: torch's intra-op threads (default:
     ``torch.get_num_threads()`` now), each owning an attention block and GEMM buffers.
+    ``fmt``: the experts' format (None: float in ``dtype``); ``file_dtype``: the dtype the
+    experts are stored in (uint8 for a quantized folder's records).
     """
     tokens = min(chunk, max_seq_len)
     held = max_seq_len if kv_positions is None else min(kv_positions, max_seq_len)
@@ -227,11 +272,12 @@ def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: in
     keys = min(max_seq_len, held + tokens) if window else held
     threads = torch.get_num_threads() if threads is None else threads
     peak = forward_peak(cfg, dtype, tokens, keys, device_type=device_type, threads=threads,
-                        window=window)
-    peak += gemm_scratch(cfg, dtype, tokens, device_type=device_type, threads=threads)
+                        window=window, fmt=fmt)
+    peak += gemm_scratch(cfg, dtype, tokens, device_type=device_type, threads=threads, fmt=fmt)
     margin = peak // MARGIN_FRACTION + MARGIN_BYTES
     tables = 2 * F32 * max_seq_len * cfg.head_dim
     work = peak + margin + tables + ALIGN
     if device_type == "cpu":
-        work += SAMPLER_BYTES_PER_ID * cfg.vocab_size + reader_bytes(cfg, dtype, file_dtype)
+        work += SAMPLER_BYTES_PER_ID * cfg.vocab_size + reader_bytes(cfg, dtype, file_dtype,
+                                                                     fmt)
     return work

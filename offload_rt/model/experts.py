@@ -1,13 +1,14 @@
 """Expert weights as packed buffers, and the seam through which the MoE layer gets them.
 
-One expert is one contiguous 1-D buffer ``[w1 | w3 | w2]`` (flattened row-major), so moving an
-expert between tiers is a single copy. The MoE layer never knows where a buffer came from: it is
-handed an ``ExpertProvider`` (all experts resident, or the offloading engine's cache).
+One expert is one contiguous 1-D buffer ``[w1 | w3 | w2]`` (flattened row-major), or a quantized
+record (``offload_rt.quant``), so moving an expert between tiers is a single copy. The MoE layer
+never knows where a buffer came from: it is handed an ``ExpertProvider`` (all experts resident,
+or the offloading engine's cache) and an ``ExpertFFN`` that computes an expert from its buffer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
@@ -15,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from offload_rt.model.cpu_linear import linear
+
+# x [T, H] and one expert's buffer -> [T, H]: ``expert_ffn`` bound to the shapes, or a
+# quantized format's ``ffn`` (``quant.formats``)
+ExpertFFN = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def expert_ffn(x: torch.Tensor, packed: torch.Tensor, hidden: int, inter: int) -> torch.Tensor:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from offload_rt.model.experts import ExpertProvider, expert_ffn
+from offload_rt.model.experts import ExpertFFN, ExpertProvider
 from offload_rt.model.router import Router
 
 
 class MoELayer:
-    """Handed its router and expert source, so the source can be swapped (resident/offloaded).
+    """Handed its router, expert source and expert kernel, so the source (resident/offloaded)
+    and the experts' format (float, int8, int4) can be swapped.
 
     Experts run in ascending id order whatever the source, so every source gives bit-identical
     results; when the source can pin fewer experts than the tokens need (prefill at small cache
@@ -17,9 +18,8 @@ class MoELayer:
     """
 
     def __init__(self, layer: int, router: Router, experts: ExpertProvider,
-                 hidden: int, inter: int) -> None:
-        self.layer, self.router, self.experts = layer, router, experts
-        self.hidden, self.inter = hidden, inter
+                 ffn: ExpertFFN) -> None:
+        self.layer, self.router, self.experts, self.ffn = layer, router, experts, ffn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] (already normed) -> [T, H]."""
@@ -33,7 +33,7 @@ class MoELayer:
             with self.experts.acquire(self.layer, group) as buffers:
                 for e in group:
                     tok, kpos = torch.where(top_ids == e)
-                    y = expert_ffn(x[tok], buffers[e], self.hidden, self.inter)
+                    y = self.ffn(x[tok], buffers[e])
                     # tok holds each token once per expert, so this equals index_add_, whose
                     # bf16 CPU scatter path took ~30 ms per decode row on a busy 2-core box
                     out[tok] += (y * top_w[tok, kpos, None]).to(out.dtype)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from offload_rt.model.cpu_linear import padded_linear
 from offload_rt.model.params import empty_param
 
 
@@ -18,7 +18,7 @@ class Router(nn.Module):
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> float32 probabilities over all experts [T, E]."""
-        return torch.softmax(F.linear(x, self.weight).float(), dim=-1)
+        return torch.softmax(padded_linear(x, self.weight).float(), dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (probs float32 [T, E], weights float32 [T, K] summing to 1 per token,

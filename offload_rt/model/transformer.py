@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from offload_rt.config import ModelConfig
 from offload_rt.model.attention import Attention, KVCache
-from offload_rt.model.experts import ExpertProvider
+from offload_rt.model.experts import ExpertFFN, ExpertProvider, expert_ffn
 from offload_rt.model.moe import MoELayer
 from offload_rt.model.norm import RMSNorm
 from offload_rt.model.params import Embedding, Linear
@@ -27,7 +29,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Resident modules; ``attach`` gives it an expert provider and a KV cache to run."""
+    """Resident modules; ``attach`` gives it an expert provider (and the experts' kernel) and a
+    KV cache to run."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device | str = "meta") -> None:
         """Parameters are uninitialized (on ``meta`` by default) until weights are assigned."""
@@ -38,14 +41,21 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, device)  # weight [V, H]
         self.max_seq_len = 0
+        self.expert_ffn: ExpertFFN = functools.partial(  # the float kernel, until attached
+            expert_ffn, hidden=cfg.hidden_size, inter=cfg.intermediate_size)
         self._moe: list[MoELayer] = []
         self._caches: list[KVCache] = []
 
-    def attach(self, experts: ExpertProvider, max_seq_len: int) -> None:
+    def attach(self, experts: ExpertProvider, max_seq_len: int,
+               ffn: ExpertFFN | None = None) -> None:
         """Wire the MoE layers to ``experts`` and allocate KV caches for a context of
-        ``max_seq_len`` positions (``cfg.kv_positions`` of them: fewer with a sliding window)."""
+        ``max_seq_len`` positions (``cfg.kv_positions`` of them: fewer with a sliding window).
+        ``ffn``: how an expert is computed from the buffers ``experts`` hands out (its format's
+        ``ffn``); None keeps the one attached before (at first the float ``expert_ffn``)."""
         cfg, p = self.cfg, self.embed.weight
-        self._moe = [MoELayer(i, blk.router, experts, cfg.hidden_size, cfg.intermediate_size)
+        if ffn is not None:
+            self.expert_ffn = ffn
+        self._moe = [MoELayer(i, blk.router, experts, self.expert_ffn)
                      for i, blk in enumerate(self.layers)]
         held = cfg.kv_positions(max_seq_len)
         self._caches = [KVCache(cfg.num_kv_heads, held, cfg.head_dim, p.dtype, p.device)

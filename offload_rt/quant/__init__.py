@@ -1,0 +1,9 @@
+"""Expert weight formats: how one expert is stored in its record (one contiguous buffer, so a
+move between tiers stays one read or one copy) and how it is computed.
+
+``formats.py`` names them (float, int8, int4) and picks the kernels; ``record.py`` lays named
+parts out in a record; ``int8.py`` / ``int4.py`` quantize. The engine moves records without
+knowing their format. Running them: ``folder.py`` reads a quantized folder's
+``quantization_config``, ``select.py`` picks a run's format (the folder's, or ``--experts``),
+``reader.py`` quantizes float experts as they are read.
+"""

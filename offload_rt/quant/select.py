@@ -1,0 +1,82 @@
+"""The experts' format of a run: the folder's, or float experts quantized as they are read.
+
+| folder | ``experts`` option | format |
+| --- | --- | --- |
+| float experts | None or ``float`` | ``FloatFormat`` in the compute dtype |
+| float experts | ``int8`` / ``int4`` | quantized at load (``quant.reader``); scales in ``default_scale_dtype`` |
+| quantized (config.json ``quantization_config``) | None or its own format | the folder's records |
+| quantized | another format | ``OptionError`` naming both (records cannot be turned back into the float weights exactly) |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from offload_rt.checkpoint import Checkpoint
+from offload_rt.errors import OptionError
+from offload_rt.quant.formats import (
+    GROUP_SIZES,
+    ExpertFormat,
+    FloatFormat,
+    default_scale_dtype,
+    make_format,
+)
+
+DEFAULT_GROUP_SIZE = 64
+
+
+def select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,
+                  dtype: torch.dtype, device: torch.device) -> ExpertFormat:
+    """The format ``ckpt``'s experts run in with the ``--experts``/``--group-size`` options
+    (None: the folder's), checked against this machine and ``device``. ``OptionError`` naming
+    the flags, or ``CheckpointError`` naming the folder's config.json."""
+    cfg = ckpt.config
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    quant = ckpt.quantization
+    if quant is not None:
+        _check_folder_options(quant.spec, str(quant.source), experts, group_size)
+        return make_format(quant.spec, h, f, dtype, device, str(quant.source))
+    if experts in (None, "float"):
+        return FloatFormat(h, f, dtype)
+    scale = str(default_scale_dtype(dtype)).removeprefix("torch.")
+    if experts == "int8":
+        return make_format({"format": "int8", "scale_dtype": scale}, h, f, dtype, device,
+                           "--experts int8")
+    if experts == "int4":
+        group = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        _check_int4_options(ckpt, group, device)
+        return make_format({"format": "int4", "group_size": group, "scale_dtype": scale},
+                           h, f, dtype, device, f"--experts int4 --group-size {group}")
+    raise OptionError(f"--experts {experts!r}: choose one of float, int8, int4")
+
+
+def _check_folder_options(spec: dict[str, object], source: str, experts: str | None,
+                          group_size: int | None) -> None:
+    """A quantized folder runs as it was written: other flags name both."""
+    name = spec["format"]
+    if experts is not None and experts != name:
+        raise OptionError(
+            f"--experts {experts}: {source} holds {name} expert records (quantization_config); "
+            f"they run as {name} only (the float weights cannot be recovered from them, and "
+            f"requantizing would compound the error): drop --experts, or load the float folder")
+    if group_size is not None and group_size != spec.get("group_size"):
+        raise OptionError(
+            f"--group-size {group_size}: {source} holds {name} records with group size "
+            f"{spec.get('group_size')} (quantization_config); drop --group-size")
+
+
+def _check_int4_options(ckpt: Checkpoint, group: int, device: torch.device) -> None:
+    """int4 quantized at load: a group size torch's kernels take that divides the model's
+    dimensions, and a CPU device."""
+    if device.type != "cpu":
+        raise OptionError(f"--experts int4 runs on --device cpu only (int4 records hold torch's "
+                          f"CPU kernel layout); use --experts int8 on --device {device}")
+    if group not in GROUP_SIZES:
+        raise OptionError(f"--group-size {group}: choose one of {', '.join(map(str, GROUP_SIZES))}"
+                          " (what torch's int4 kernels take)")
+    cfg = ckpt.config
+    for field, n in (("hidden_size", cfg.hidden_size), ("intermediate_size",
+                                                         cfg.intermediate_size)):
+        if n % group:
+            raise OptionError(f"--group-size {group} does not divide {field} {n} of "
+                              f"{ckpt.model_dir}: choose a group size that divides it")
