@@ -2,6 +2,9 @@
 
     python benchmarks/decode_bench.py /tmp/bench/small --prompt-tokens 32 --new-tokens 48 \
         --repeats 3 [--modes ort_resident,ort_25_cold,...] [--out result.json]
+    python benchmarks/decode_bench.py /tmp/bench/small --modes formats \
+        --int8-dir /tmp/bench/small-int8 --int4-dir /tmp/bench/small-int4   # expert formats
+        [--threads 1]   # torch threads of every run (a machine shared with other jobs)
 
 Every mode decodes the same seeded prompt (token ids) greedily for the same number of tokens, in
 a fresh subprocess (clean RSS, its own page-cache preparation). Modes are interleaved (each
@@ -18,13 +21,16 @@ it (``warm``: files read once before the run, buffered reads). ``hf_resident`` i
 experts of all but 25% (50%) of the layers live on disk (accelerate's offload folder); ``warm``
 keeps the page cache, ``bounded`` evicts the model's and the offload folder's files from it
 before every forward (the only way its RAM use is really bounded by the budget).
+Quantized experts (``bench_formats.py``): ``ort_int8_*`` / ``ort_int4_*`` run folders written by
+``offload-rt quantize``, ``ort_int8load_*`` / ``ort_int4load_*`` the float folder quantized as
+it is read; ``--modes formats`` runs bf16 / int8 / int4 x resident / 50% / 25% cold and both
+formats quantized at load at 25% cold, each held against its own format's limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -36,9 +42,10 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_formats
+from decode_tables import markdown_table
+from decode_workers import run_offload_rt, run_transformers
 from physical_limit import drop_page_cache, limit, model_files, warm_page_cache
-
-from offload_rt.engine.step_clock import StepClock
 
 # name -> (engine, fraction of the experts' bytes kept in RAM, page cache: warm|cold|bounded)
 MODES = {
@@ -49,6 +56,19 @@ MODES = {
     "accel_25_warm": ("hf", 0.25, "warm"), "accel_25_bounded": ("hf", 0.25, "bounded"),
 }
 IDLE_CPU_PERCENT = 20.0  # other processes' share of all cores below which a run may start
+MODE_SETS = {"formats": bench_formats.FORMAT_SET}
+
+
+def mode_info(mode: str) -> tuple[str, float, str, str]:
+    """(engine, fraction of the experts cached, page cache, expert format) of a mode."""
+    if mode in MODES:
+        engine, fraction, cache = MODES[mode]
+        return engine, fraction, cache, "bf16"
+    parsed = bench_formats.parse(mode)
+    if parsed is None:
+        raise SystemExit(f"unknown mode {mode!r}; known: {sorted(MODES)}, the ort_<format>_"
+                         f"<setting> modes of bench_formats.py, or {sorted(MODE_SETS)}")
+    return ("ort", parsed[1], parsed[2], parsed[0])
 
 
 # --- the parent: idle wait, page cache, subprocesses, summary --------------------------------
@@ -108,31 +128,42 @@ def summarize(runs: dict[str, list[dict]], phys: dict | None) -> dict:
     pairs = {"ort_resident_vs_hf_resident": ("ort_resident", "hf_resident"),
              "ort_25_cold_vs_accel_25_bounded": ("ort_25_cold", "accel_25_bounded"),
              "ort_25_warm_vs_accel_25_warm": ("ort_25_warm", "accel_25_warm")}
+    for mode in med:  # each quantized mode against bf16 at the same setting
+        parsed = bench_formats.parse(mode)
+        if parsed and parsed[0] != "bf16":
+            setting = mode.split("_", 2)[2]
+            pairs[f"{parsed[0]}_{setting}_vs_bf16"] = (mode, f"ort_{setting}")
     out["comparisons"] = {k: round(med[a] / med[b], 3) for k, (a, b) in pairs.items()
                           if a in med and b in med}
-    if phys is not None and "ort_resident" in med:
-        out["limits"] = physical_limits(table, runs, phys, 1.0 / med["ort_resident"])
+    if phys is not None:
+        out["limits"] = physical_limits(table, runs, phys, med)
     return out
 
 
-def physical_limits(table: dict, runs: dict[str, list[dict]], phys: dict, t_res: float) -> dict:
-    """achieved / limit for each offloaded offload_rt mode (medians of this run's figures)."""
-    out = {"t_res_s": round(t_res, 6), "read_cold_s": phys["read_cold_s"]["median"],
-           "read_cold_effective_s": phys["read_cold_effective_s"],
-           "read_warm_s": phys["read_warm_s"]["median"],
-           "compute_s": phys["compute_s"]["median"]}
+def physical_limits(table: dict, runs: dict[str, list[dict]], phys: dict,
+                    med: dict[str, float]) -> dict:
+    """achieved / limit for each offloaded offload_rt mode whose format's resident mode ran
+    (its step time is the compute the limit needs), from this run's figures."""
+    bf16 = phys["formats"].get("bf16", {})
+    out: dict = {k: (bf16.get(k) or {}).get("median") for k in ("read_cold_s", "read_warm_s",
+                                                                 "compute_s")}
+    out["read_cold_effective_s"] = bf16.get("read_cold_effective_s")
     for mode, rs in runs.items():
-        engine, fraction, cache = MODES[mode]
-        if engine != "ort" or fraction >= 1.0:
+        engine, fraction, cache, fmt = mode_info(mode)
+        resident = bench_formats.resident_of(fmt)
+        if engine != "ort" or fraction >= 1.0 or resident not in med:
             continue
-        per_run = [_run_limit(r, t_res, phys, cache) for r in rs]
+        t_res = 1.0 / med[resident]
+        per_run = [_run_limit(r, t_res, phys, cache, fmt) for r in rs]
         loads = statistics.median(r["required_loads_per_token"] for r in rs)
         overlap = statistics.median(r["prefetch_overlap"] for r in rs)
         t_read = statistics.median(p["read_s"] for p in per_run)
-        lim = limit(t_res, t_read, loads, overlap)  # from the medians, for the table
+        t_cpu = bench_formats.read_and_cpu_s(fmt, phys, None, cache)[1]
+        lim = limit(t_res, t_read, loads, overlap, t_cpu)  # from the medians, for the table
         achieved = table[mode]["decode_tokens_per_s"]["median"]
         in_run = [r["disk_busy_s_per_load"] for r in rs if r.get("disk_busy_s_per_load")]
-        lim.update(read_s=round(t_read, 6),
+        lim.update(format=fmt, t_res_s=round(t_res, 6), read_s=round(t_read, 6),
+                   cpu_per_load_s=t_cpu,
                    read_in_run_s=round(statistics.median(in_run), 6) if in_run else None,
                    required_loads_per_token=loads, prefetch_overlap=overlap,
                    achieved_tokens_per_s=achieved,
@@ -146,14 +177,12 @@ def physical_limits(table: dict, runs: dict[str, list[dict]], phys: dict, t_res:
     return out
 
 
-def _run_limit(run: dict, t_res: float, phys: dict, cache: str) -> dict:
+def _run_limit(run: dict, t_res: float, phys: dict, cache: str, fmt: str) -> dict:
     """One run's limit: its own loads and overlap, and for cold reads the faster of the
     start-of-benchmark disk figure and the rate the disk delivered during this run (the
-    virtual disk's rate drifts with other tenants)."""
-    t_read = phys["read_cold_effective_s"] if cache == "cold" else phys["read_warm_s"]["median"]
-    if cache == "cold" and run.get("disk_busy_s_per_load"):
-        t_read = min(t_read, run["disk_busy_s_per_load"])
-    lim = limit(t_res, t_read, run["required_loads_per_token"], run["prefetch_overlap"])
+    virtual disk's rate drifts with other tenants; ``bench_formats.read_and_cpu_s``)."""
+    t_read, t_cpu = bench_formats.read_and_cpu_s(fmt, phys, run, cache)
+    lim = limit(t_res, t_read, run["required_loads_per_token"], run["prefetch_overlap"], t_cpu)
     got = run["decode_tokens_per_s"]
     return {"read_s": t_read,
             "achieved_over_limit": round(got / lim["limit_tokens_per_s"], 3),
@@ -168,26 +197,24 @@ def run_all(args: argparse.Namespace) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text())
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(3, cfg["vocab_size"], (args.prompt_tokens,), generator=gen).tolist()
-    files, modes = model_files(model_dir), args.modes.split(",")
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        raise SystemExit(f"unknown modes {unknown}; known: {sorted(MODES)}")
+    modes = MODE_SETS.get(args.modes, args.modes.split(","))
+    infos = {m: mode_info(m) for m in modes}
+    sources = {f: bench_formats.source(f, args) for f in {i[3] for i in infos.values()}}
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     phys = None
     with tempfile.TemporaryDirectory(prefix="decode_bench_") as scratch:
         if not args.no_limit:
-            idle = wait_for_idle(args.idle_threshold, args.idle_max_wait)
-            phys = run_worker({"mode": "limit", "model_dir": str(model_dir),
-                               "samples": args.limit_samples})
-            phys["idle"] = idle
+            phys = measure_limits(args, infos, sources)
         for r in range(args.repeats):
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate: no fixed first
             for mode in order:
-                prep = prepare_page_cache(MODES[mode][2], files)
+                folder, options = sources[infos[mode][3]]
+                prep = prepare_page_cache(infos[mode][2], model_files(folder))
                 idle = wait_for_idle(args.idle_threshold, args.idle_max_wait)
-                spec = {"mode": mode, "model_dir": str(model_dir), "prompt": prompt,
-                        "new_tokens": args.new_tokens, "repeat": r,
-                        "offload_folder": str(Path(scratch) / f"offload_{mode}_{r}")}
+                spec = {"mode": mode, "model_dir": str(folder), "load_options": options,
+                        "prompt": prompt, "new_tokens": args.new_tokens, "repeat": r,
+                        "offload_folder": str(Path(scratch) / f"offload_{mode}_{r}"),
+                        "threads": args.threads}
                 res = run_worker(spec)
                 res.update(idle=idle, page_cache_prep_s=round(prep, 3), repeat=r)
                 runs[mode].append(res)
@@ -200,8 +227,25 @@ def run_all(args: argparse.Namespace) -> dict:
     return {"benchmark": "decode", "model_dir": str(model_dir), "config": _shapes(cfg),
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "idle_threshold_percent": args.idle_threshold,
+            "threads": args.threads,
             "machine": {"cpus": psutil.cpu_count(), "ram_bytes": psutil.virtual_memory().total},
             "physical": phys, "summary": summarize(runs, phys), "runs": runs}
+
+
+def measure_limits(args: argparse.Namespace, infos: dict[str, tuple],
+                   sources: dict[str, tuple[Path, dict]]) -> dict:
+    """``physical_limit.measure`` in a fresh process per expert format the modes run (bf16
+    always: the float reads of quantizing at load are its reads)."""
+    out: dict = {"formats": {}}
+    for fmt in ["bf16"] + sorted({i[3] for i in infos.values()} - {"bf16"}):
+        folder, options = sources.get(fmt) or bench_formats.source(fmt, args)
+        idle = wait_for_idle(args.idle_threshold, args.idle_max_wait)
+        got = run_worker({"mode": "limit", "model_dir": str(folder), "threads": args.threads,
+                          "samples": args.limit_samples, "load_options": options})
+        got["idle"] = idle
+        out["formats"][fmt] = got
+    out.update(out["formats"]["bf16"])  # the float figures at the top level, as before
+    return out
 
 
 def _agree(res: dict, ref: list[int]) -> float:
@@ -221,170 +265,27 @@ def _shapes(cfg: dict) -> dict:
     return {k: cfg.get(k) for k in keys}
 
 
-# --- the workers: one measurement each, in a fresh process ----------------------------------
-
-
-def _read_bytes() -> dict[str, float]:
-    """Bytes this process really read from the device (/proc/self/io)."""
-    return {"read_bytes": float(psutil.Process().io_counters().read_bytes)}
-
-
-def step_clock(stats: object) -> StepClock:
-    return StepClock(stats, extra=_read_bytes)  # type: ignore[arg-type]
-
-
-def decode_figures(clock: StepClock, expert_bytes: int) -> dict:
-    total = clock.decode_totals()
-    if not total:
-        return {}
-    n = int(total["steps"])
-    needed = total["hits"] + total["misses"]
-    required = total["misses"] + total["prefetch_useful"]
-    disk_loads = total["bytes_from_disk"] / expert_bytes
-    return {
-            # seconds the disk was busy per expert it delivered (overlapping reads counted once)
-            "disk_busy_s_per_load": (round(total["disk_busy_s"] / disk_loads, 6)
-                                     if disk_loads and total["disk_busy_s"] else None),"decode_steps_measured": n, "decode_forward_s": round(total["t"], 6),
-            "hit_rate": round(total["hits"] / needed, 4) if needed else None,
-            "misses_per_token": total["misses"] / n,
-            "loads_per_token": total["bytes_from_disk"] / expert_bytes / n,
-            "required_loads_per_token": required / n,
-            "prefetch_overlap": round(total["prefetch_useful"] / required, 4) if required else 0.0,
-            "bytes_per_token": total["bytes_from_disk"] / n,
-            "disk_read_bytes_per_token": total["read_bytes"] / n,
-            "stall_fraction": round(total["stall_s"] / total["t"], 4) if total["t"] else 0.0,
-            "prefetch_wasted_per_token": total["prefetch_wasted"] / n}
-
-
-def run_offload_rt(spec: dict, fraction: float, cache: str) -> dict:
-    import offload_rt
-
-    start = time.perf_counter()
-    opts: dict = {"max_seq_len": len(spec["prompt"]) + spec["new_tokens"] + 8}
-    if fraction >= 1.0:
-        opts["offload"] = False
-    else:
-        with open(Path(spec["model_dir"]) / "config.json") as f:
-            experts = json.load(f)["num_local_experts"]
-        opts.update(offload=True, cache_experts=max(1, round(fraction * experts)),
-                    drop_page_cache=cache == "cold")
-    rt = offload_rt.load(spec["model_dir"], **opts)
-    load_s = time.perf_counter() - start
-    if cache == "cold":  # loading the trunk read ahead into expert bytes: start truly cold
-        drop_page_cache(model_files(Path(spec["model_dir"])))
-    clock = step_clock(rt.stats)
-    with clock.attached(rt.model):
-        out = rt.generate(spec["prompt"], max_new_tokens=spec["new_tokens"], ignore_eos=True,
-                          temperature=0.0)
-    s = out.stats
-    res = {"engine": "offload_rt", "options": opts, "load_s": round(load_s, 3),
-           "token_ids": out.token_ids, "decode_tokens_per_s": s["decode_tokens_per_s"],
-           "tokens_per_s": s["tokens_per_s"], "time_to_first_token_s": s["time_to_first_token_s"],
-           "engine_stats": {k: v for k, v in s.items() if k != "per_layer"},
-           "rss_after_bytes": psutil.Process().memory_info().rss}
-    if fraction < 1.0:
-        res.update(decode_figures(clock, rt.plan.footprint.expert))
-    rt.close()
-    return res
-
-
-def accelerate_device_map(cfg: dict, fraction: float) -> dict[str, str]:
-    """Trunk in RAM; the experts of the first ``fraction`` of the layers in RAM, the rest on
-    disk: the same expert bytes in RAM as offload_rt's cache at ``fraction``."""
-    layers = cfg["num_hidden_layers"]
-    keep = round(fraction * layers)
-    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu",
-          "lm_head": "cpu"}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        dm.update({p + m: "cpu" for m in ("self_attn", "input_layernorm",
-                                          "post_attention_layernorm", "mlp.gate")})
-        dm[p + "mlp.experts"] = "cpu" if i < keep else "disk"
-    return dm
-
-
-def run_transformers(spec: dict, fraction: float, cache: str) -> dict:
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, MixtralForCausalLM
-
-    model_dir, folder = Path(spec["model_dir"]), Path(spec["offload_folder"])
-    cfg = json.loads((model_dir / "config.json").read_text())
-    start = time.perf_counter()
-    kwargs: dict = {"dtype": torch.bfloat16}
-    if fraction < 1.0:
-        kwargs.update(device_map=accelerate_device_map(cfg, fraction), offload_folder=folder)
-    model = MixtralForCausalLM.from_pretrained(model_dir, **kwargs).eval()
-    load_s = time.perf_counter() - start
-    files = model_files(model_dir) + ([folder] if fraction < 1.0 else [])
-    os.sync()  # the offload folder was just written: dirty pages cannot be evicted
-    if cache == "bounded":
-        drop_page_cache(files)
-    io, evict_s, stamps = psutil.Process(), [], []
-
-    class Clock(LogitsProcessor):
-        """Called once per generated token, after its forward: time it, evict for the next."""
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            stamps.append((time.perf_counter(), io.io_counters().read_bytes))
-            evict_s.append(drop_page_cache(files) if cache == "bounded" else 0.0)
-            return scores
-
-    model.generation_config.eos_token_id = None
-    ids = torch.tensor([spec["prompt"]])
-    begin = time.perf_counter()
-    with torch.inference_mode():
-        gen = model.generate(ids, max_new_tokens=spec["new_tokens"], do_sample=False,
-                             pad_token_id=0, logits_processor=LogitsProcessorList([Clock()]))
-    total = time.perf_counter() - begin
-    n = len(stamps)
-    decode_s = stamps[-1][0] - stamps[0][0] - sum(evict_s[:-1])
-    return {"engine": "transformers" if fraction >= 1.0 else "transformers+accelerate",
-            "device_map_disk_layers": sum(v == "disk" for v in kwargs.get("device_map", {})
-                                          .values()),
-            "load_s": round(load_s, 3), "token_ids": gen[0, ids.shape[1]:].tolist(),
-            "decode_tokens_per_s": round((n - 1) / decode_s, 3) if n > 1 else None,
-            "tokens_per_s": round(n / (total - sum(evict_s)), 3),
-            "time_to_first_token_s": round(stamps[0][0] - begin, 6),
-            "evict_s_per_token": round(sum(evict_s) / n, 6),
-            "disk_read_bytes_per_token": (stamps[-1][1] - stamps[0][1]) / max(1, n - 1),
-            "rss_after_bytes": io.memory_info().rss}
+# --- the workers: one measurement each, in a fresh process (decode_workers.py) ---------------
 
 
 def worker(spec: dict) -> dict:
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     if spec["mode"] == "limit":
         from physical_limit import measure
 
-        out = measure(Path(spec["model_dir"]), spec["samples"])
-    elif MODES[spec["mode"]][0] == "ort":
-        out = run_offload_rt(spec, *MODES[spec["mode"]][1:])
+        out = measure(Path(spec["model_dir"]), spec["samples"],
+                      options=spec.get("load_options"))
+    elif mode_info(spec["mode"])[0] == "ort":
+        out = run_offload_rt(spec, *mode_info(spec["mode"])[1:3])
     else:
-        out = run_transformers(spec, *MODES[spec["mode"]][1:])
+        out = run_transformers(spec, *mode_info(spec["mode"])[1:3])
     usage = resource.getrusage(resource.RUSAGE_SELF)
     out.update(mode=spec["mode"], peak_rss_bytes=usage.ru_maxrss * 1024,
                process_cpu_s=usage.ru_utime + usage.ru_stime)
     return out
-
-
-def markdown_table(doc: dict) -> str:
-    """The README's performance table from a result document (medians; min-max in brackets)."""
-    s, lim = doc["summary"], doc["summary"].get("limits", {})
-    rows = [("| mode | decode tok/s (min-max) | x ort resident | first token s | peak RSS GiB | "
-             "MB from disk / token | hit rate | stall | achieved / limit | others' CPU |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for mode, t in s["modes"].items():
-        d, gib = t["decode_tokens_per_s"], t["peak_rss_bytes"]["median"] / 2**30
-        disk = t.get("disk_read_bytes_per_token", {}).get("median")
-        hit, stall = t.get("hit_rate", {}).get("median"), t.get("stall_fraction", {}).get("median")
-        ratio = lim.get(mode, {}).get("achieved_over_limit")
-        rows.append(f"| {mode} | {d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}) | "
-                    f"{s.get('ratio_to_ort_resident', {}).get(mode, float('nan')):.2f} | "
-                    f"{t['time_to_first_token_s']['median']:.2f} | {gib:.2f} | "
-                    f"{'-' if disk is None else f'{disk / 1e6:.0f}'} | "
-                    f"{'-' if hit is None else f'{hit:.2f}'} | "
-                    f"{'-' if stall is None else f'{stall:.2f}'} | "
-                    f"{'-' if ratio is None else f'{ratio:.2f}'} | "
-                    f"{t['others_cpu_fraction']['median']:.0%} |")
-    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; default all")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated, or 'formats' (bench_formats.FORMAT_SET); "
+                             "default: every mode of MODES")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompt token ids")
     parser.add_argument("--idle-threshold", type=float, default=IDLE_CPU_PERCENT,
                         help="start a run when system CPU use is below this %% (default 20)")
@@ -402,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-samples", type=int, default=12,
                         help="experts read to time one cold/warm read (default 12)")
     parser.add_argument("--no-limit", action="store_true", help="skip the physical limit")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every run (default: torch's, one per core)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--table", type=Path, metavar="RESULT_JSON",
                         help="print the markdown performance table of a saved result and exit")
+    bench_formats.add_arguments(parser)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.table:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_bench import decode_figures, step_clock
+from decode_workers import decode_figures, step_clock
 from physical_limit import measure
 
 

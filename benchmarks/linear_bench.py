@@ -1,7 +1,7 @@
 """CPU kernels for ``x @ W.T``: ``F.linear`` against ``offload_rt.model.cpu_linear``'s choices.
 
     python benchmarks/linear_bench.py [--repeats 5] [--hidden 1024 --inter 3584 --vocab 32000]
-        [--model-dir /tmp/bench/small]
+        [--model-dir /tmp/bench/small] [--sections quantized --quant-mixtral] [--threads N]
 
 The evidence behind ``offload_rt/model/cpu_linear.py``. Prints JSON:
 * ``one_row``: per dtype and matrix (a decode step's shapes), median microseconds of
@@ -11,6 +11,8 @@ The evidence behind ``offload_rt/model/cpu_linear.py``. Prints JSON:
 * ``bf16_shapes``: RSS growth of a process running bf16 GEMMs of every row count up to
   ``--shape-rows``, plain vs padded to ``cpu_linear.row_bucket`` (oneDNN keeps memory per row
   count on CPUs with bf16 instructions);
+* ``quantized``: int8 / int4 weight-only kernels against dequantize + GEMM and bf16, per expert
+  matrix and row count (``quant_linear.py``; the evidence for ``offload_rt/quant/kernels.py``);
 * with ``--model-dir``: that model fully resident, the rules on and off (one runtime,
   alternating): decode tokens/s (24 tokens) and time to first token of a 128-token prompt.
 """
@@ -23,9 +25,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant_linear
+
+SECTIONS = ("one_row", "many_rows", "bf16_shapes", "quantized")
 
 
 def _time(fn: Callable[[], object], iters: int) -> float:
@@ -162,13 +170,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", help="also time that model resident, rules on and off")
     p.add_argument("--shape-rows", type=int, default=128,
                    help="bf16_shapes: GEMMs of every row count up to this")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated, of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--quant-rows", default=",".join(map(str, quant_linear.ROWS)),
+                   help="quantized: row counts of x")
+    p.add_argument("--quant-mixtral", action="store_true",
+                   help="quantized: also Mixtral 8x7B's expert matrices (~2 GB of RAM)")
+    p.add_argument("--group-size", type=int, default=64, help="quantized: int4 group size")
+    p.add_argument("--target-ms", type=float, default=20.0,
+                   help="quantized: milliseconds per timed batch")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, the cores)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     shapes = _shapes(a.hidden, a.inter, a.vocab)
-    doc = {"benchmark": "linear", "torch": torch.__version__,
-           "threads": torch.get_num_threads(),
-           "one_row": one_row(shapes, a.repeats, a.iters),
-           "many_rows": many_rows(shapes, a.repeats, a.iters),
-           "bf16_shapes": bf16_shapes(shapes, a.shape_rows)}
+    sections = a.sections.split(",")
+    doc: dict = {"benchmark": "linear", "torch": torch.__version__,
+                 "threads": torch.get_num_threads(),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if "one_row" in sections:
+        doc["one_row"] = one_row(shapes, a.repeats, a.iters)
+    if "many_rows" in sections:
+        doc["many_rows"] = many_rows(shapes, a.repeats, a.iters)
+    if "bf16_shapes" in sections:
+        doc["bf16_shapes"] = bf16_shapes(shapes, a.shape_rows)
+    if "quantized" in sections:
+        experts = {"w1;w3": shapes["w1;w3"], "w2": shapes["w2"],
+                   **(quant_linear.MIXTRAL if a.quant_mixtral else {})}
+        rows = tuple(int(r) for r in a.quant_rows.split(","))
+        doc["quantized"] = quant_linear.quantized(experts, rows, a.group_size, a.repeats,
+                                                  a.target_ms / 1e3)
     if a.model_dir:
         doc["model"] = model_ab(a.model_dir, a.repeats)
     print(json.dumps(doc))

@@ -1,6 +1,11 @@
-"""Seeded random-weight Mixtral checkpoints in the Hugging Face layout, at named sizes.
+"""Seeded random-weight MoE checkpoints in the Hugging Face layout, at named sizes.
 
     python benchmarks/make_checkpoint.py small --out /tmp/bench/small [--seed 0] [--check]
+    python benchmarks/make_checkpoint.py qwen3moe-small --out /tmp/bench/qwen3moe-small --check
+
+Presets are Mixtral-shaped unless they name another family (``qwen3moe-small``: Qwen3-MoE's
+128 experts top-8, q/k norms per head, head_dim twice hidden / heads); tensor names and
+config.json are the family's (``offload_rt.families``, transformers' config class).
 
 Tensors are drawn layer by layer from a ``torch.Generator`` seeded with (seed, layer), written
 as bfloat16 safetensors (sharded, with ``model.safetensors.index.json``, when a preset is larger
@@ -45,6 +50,12 @@ class Preset:
     vocab: int
     max_positions: int = 4096
     shard_bytes: int = 2 * 2**30  # largest shard; a bigger model is split with an index
+    family: str = "mixtral"  # config.json's model_type (offload_rt.families)
+    head_dim: int | None = None  # None: hidden / heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
     @property
     def expert_bytes(self) -> int:
@@ -52,7 +63,7 @@ class Preset:
 
     @property
     def total_bytes(self) -> int:
-        h, d = self.hidden, self.hidden // self.heads
+        h, d = self.hidden, self.head_size
         attn = 2 * h * self.heads * d + 2 * h * self.kv_heads * d
         per_layer = attn + 2 * h + self.experts * h + self.experts * self.expert_bytes // 2
         return 2 * (self.layers * per_layer + h + 2 * self.vocab * h)
@@ -68,11 +79,37 @@ PRESETS = {
     "mixtral-8x7b": Preset(hidden=4096, layers=32, heads=32, kv_heads=8, experts=8, top_k=2,
                            intermediate=14336, vocab=32000, max_positions=32768,
                            shard_bytes=5 * 2**30),  # ~93 GB, for GPU machines
+    # Qwen3-30B-A3B's routing (128 experts top-8, head_dim 128) at a width this machine runs
+    "qwen3moe-small": Preset(hidden=512, layers=8, heads=8, kv_heads=2, experts=128, top_k=8,
+                             intermediate=384, vocab=32000, family="qwen3_moe",
+                             head_dim=128),  # ~1.3 GB, one expert 1.1 MiB
 }
+
+
+def _qwen3_moe_config(p: Preset) -> dict:
+    """config.json of a Qwen3-MoE preset, as transformers' Qwen3MoeConfig writes it (Qwen3's
+    files name the experts ``num_experts``, as here)."""
+    from transformers import Qwen3MoeConfig
+
+    cfg = Qwen3MoeConfig(vocab_size=p.vocab, hidden_size=p.hidden,
+                         intermediate_size=3 * p.intermediate, moe_intermediate_size=p.intermediate,
+                         num_hidden_layers=p.layers, num_attention_heads=p.heads,
+                         num_key_value_heads=p.kv_heads, head_dim=p.head_size,
+                         num_experts=p.experts, num_experts_per_tok=p.top_k, norm_topk_prob=True,
+                         max_position_embeddings=p.max_positions, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg.architectures = ["Qwen3MoeForCausalLM"]
+    data = cfg.to_dict()
+    data["num_experts"] = data.pop("num_local_experts", p.experts)
+    data["dtype"] = data["torch_dtype"] = "bfloat16"
+    return data
 
 
 def hf_config(p: Preset) -> dict:
     """config.json as transformers writes it for these shapes."""
+    if p.family == "qwen3_moe":
+        return _qwen3_moe_config(p)
     from transformers import MixtralConfig  # lazy: only needed to write the folder
 
     cfg = MixtralConfig(vocab_size=p.vocab, hidden_size=p.hidden, intermediate_size=p.intermediate,
@@ -97,25 +134,33 @@ def _gain(gen: torch.Generator, dim: int) -> torch.Tensor:
 
 
 def layer_tensors(p: Preset, layer: int, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """One decoder layer's tensors under HF names, from its own generator."""
+    """One decoder layer's tensors under the family's HF names, from its own generator (a
+    family's extra parts are drawn last, so a Mixtral preset's draws never change)."""
+    from offload_rt.tensor_names import HF, names_of
+
+    names = names_of(HF, p.family)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer + 1)
-    h, d = p.hidden, p.hidden // p.heads
+    h, d = p.hidden, p.head_size
     branch = 1.0 / math.sqrt(2 * p.layers)
-    pre = f"model.layers.{layer}."
-    yield pre + "input_layernorm.weight", _gain(gen, h)
-    yield pre + "post_attention_layernorm.weight", _gain(gen, h)
-    yield pre + "self_attn.q_proj.weight", _normal(gen, (p.heads * d, h), h ** -0.5)
-    yield pre + "self_attn.k_proj.weight", _normal(gen, (p.kv_heads * d, h), h ** -0.5)
-    yield pre + "self_attn.v_proj.weight", _normal(gen, (p.kv_heads * d, h), h ** -0.5)
-    yield pre + "self_attn.o_proj.weight", _normal(gen, (h, p.heads * d),
-                                                   branch * (p.heads * d) ** -0.5)
-    yield pre + "block_sparse_moe.gate.weight", _normal(gen, (p.experts, h),
-                                                        ROUTER_GAIN * h ** -0.5)
+
+    def name(part: str) -> str:
+        return names.file_name(f"layers.{layer}.{part}")
+
+    yield name("attn_norm"), _gain(gen, h)
+    yield name("ffn_norm"), _gain(gen, h)
+    yield name("wq"), _normal(gen, (p.heads * d, h), h ** -0.5)
+    yield name("wk"), _normal(gen, (p.kv_heads * d, h), h ** -0.5)
+    yield name("wv"), _normal(gen, (p.kv_heads * d, h), h ** -0.5)
+    yield name("wo"), _normal(gen, (h, p.heads * d), branch * (p.heads * d) ** -0.5)
+    yield name("router"), _normal(gen, (p.experts, h), ROUTER_GAIN * h ** -0.5)
     for e in range(p.experts):
-        ex = f"{pre}block_sparse_moe.experts.{e}."
-        yield ex + "w1.weight", _normal(gen, (p.intermediate, h), h ** -0.5)
-        yield ex + "w3.weight", _normal(gen, (p.intermediate, h), h ** -0.5)
-        yield ex + "w2.weight", _normal(gen, (h, p.intermediate), branch * p.intermediate ** -0.5)
+        yield names.expert_name(layer, e, "w1"), _normal(gen, (p.intermediate, h), h ** -0.5)
+        yield names.expert_name(layer, e, "w3"), _normal(gen, (p.intermediate, h), h ** -0.5)
+        yield names.expert_name(layer, e, "w2"), _normal(gen, (h, p.intermediate),
+                                                        branch * p.intermediate ** -0.5)
+    if p.family == "qwen3_moe":  # q/k RMSNorm per head
+        yield name("q_norm"), _gain(gen, d)
+        yield name("k_norm"), _gain(gen, d)
 
 
 def outer_tensors(p: Preset, seed: int) -> dict[str, torch.Tensor]:
@@ -220,6 +265,23 @@ def check_routing(model_dir: Path, tokens: int = 64, seed: int = 0) -> dict:
             "top_share": round(share, 3), "distinct_tokens": len(set(out.token_ids))}
 
 
+def write_quantized_checkpoint(p: Preset, out: Path, seed: int, experts: str,
+                               group_size: int | None) -> dict:
+    """``p``'s seeded model with ``experts``-format experts written straight to ``out`` (no
+    float copy), with a progress bar; what ``offload-rt quantize`` reports."""
+    from synthetic_source import SyntheticSource
+    from tqdm import tqdm
+
+    from offload_rt.quant.quantize import QuantizeSettings, write_quantized
+
+    settings = QuantizeSettings(experts, group_size, force=True)
+    with tqdm(total=p.layers * p.experts, unit="expert", desc="experts") as bar:
+        summary = write_quantized(SyntheticSource(p, seed), out, settings,
+                                  lambda done, total: bar.update(done - bar.n))
+    return {"format": summary.format, "bytes_out": summary.bytes_out,
+            "bytes_in": summary.bytes_in, "seconds": round(summary.seconds, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("preset", choices=sorted(PRESETS))
@@ -230,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="only run --check on --out")
     parser.add_argument("--layers", type=int, help="override the preset's layer count (e.g. a "
                                                    "few Mixtral 8x7B layers on a small disk)")
+    parser.add_argument("--experts", choices=("int8", "int4"),
+                        help="write the experts quantized directly (synthetic_source.py): no "
+                             "float copy on disk; as make_checkpoint + offload-rt quantize")
+    parser.add_argument("--group-size", type=int, help="with --experts int4 (default 64)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.layers:
@@ -237,11 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"preset": args.preset, "out": str(args.out), "seed": args.seed,
                     "shapes": asdict(preset), "expert_bytes": preset.expert_bytes,
                     "approx_total_bytes": preset.total_bytes}
-    if not args.no_write:
+    if not args.no_write and args.experts:
+        report["quantize"] = write_quantized_checkpoint(preset, args.out, args.seed,
+                                                        args.experts, args.group_size)
+    elif not args.no_write:
         write_checkpoint(preset, args.out, args.seed)
         report["written_bytes"] = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     if args.check or args.no_write:
-        report["routing"] = check_routing(args.out)
+        # ~16 picks per expert and layer: 64 decode steps for 8 experts top-2, 256 for 128 top-8
+        report["routing"] = check_routing(args.out, max(64, 16 * preset.experts // preset.top_k))
     print(json.dumps(report))
     return 0 if report.get("routing", {"ok": True})["ok"] else 1
 

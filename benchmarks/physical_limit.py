@@ -1,13 +1,16 @@
 """What the hardware allows an expert-offloading decode step, from quantities measured here.
 
-    python benchmarks/physical_limit.py MODEL_DIR [--samples 12]   # prints the measured JSON
+    python benchmarks/physical_limit.py MODEL_DIR [--samples 12] [--experts int8|int4
+        [--group-size 64]]   # prints the measured JSON
 
-Measured (this module, in a fresh process; ``decode_bench.py`` runs it in the same benchmark):
+Measured (this module, in a fresh process; ``decode_bench.py`` runs it in the same benchmark),
+for the experts' format of a run (a quantized folder's records, or ``--experts``):
   * ``read_cold_s``: one expert read from disk into a cache slot by offload_rt's own reader as
     the engine reads (``O_DIRECT`` into the slot), every model file evicted from the page cache
-    (POSIX_FADV_DONTNEED) before each read;
+    (POSIX_FADV_DONTNEED) before each read; quantizing at load: the float matrices' read only;
   * ``read_warm_s``: the reader of the warm mode (buffered, page cache kept), pages cached;
-  * ``compute_s``: one expert's SwiGLU for one token (offload_rt's ``expert_ffn``).
+  * ``encode_s`` (quantizing at load): encoding one expert's float matrices into its record;
+  * ``compute_s``: one expert's SwiGLU for one token (the format's ``ffn``).
 Taken from the decode runs: ``t_res`` (offload_rt fully resident: seconds per decode step) and,
 per offloaded setting, ``loads`` = experts per decode token that had to come from disk (demand
 misses + prefetches that were then used; wasted prefetches are not needed work) and the share of
@@ -77,22 +80,18 @@ def _summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_thread: int = 4) -> float:
+def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, fmt: object,
+                        per_thread: int = 4) -> float:
     """Seconds per expert when ``threads`` readers each read ``per_thread`` cold experts at once
     (the engine reads on its prefetch thread and the caller's at the same time; a virtual disk
     may deliver more with several requests in flight)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cache_policies import ExpertKey
-    from offload_rt.engine.expert_reader import ExpertReader
-    from offload_rt.engine.placement import ExpertPlacement
-    from offload_rt.engine.slots import SlotPool
 
     cfg = ckpt.config
     keys = _spread(cfg.num_layers, cfg.num_experts, threads * per_thread)
-    slots = SlotPool(threads, cfg.expert_numel, ckpt.dtype, torch.device("cpu"))
-    reader = ExpertReader(ckpt, direct=True)
-    placement = ExpertPlacement(ckpt, ckpt.dtype, torch.device("cpu"))
+    slots, reader, _, placement = _format_io(ckpt, fmt, threads)
 
     def work(i: int) -> None:
         for layer, expert in keys[i::threads]:
@@ -106,21 +105,59 @@ def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, per_threa
     return (time.perf_counter() - start) / len(keys)
 
 
-def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50) -> dict:
-    """Cold and warm read time of one expert, and its compute time for one token."""
-    from cache_policies import ExpertKey
-    from offload_rt.checkpoint import Checkpoint
+def _format_io(ckpt: object, fmt: object, slots: int) -> tuple:
+    """(slots, cold reader, warm reader, placement) as the engine makes them for ``fmt``'s
+    file bytes: a record read as is, or (quantizing at load) the float matrices alone."""
     from offload_rt.engine.expert_reader import ExpertReader
     from offload_rt.engine.placement import ExpertPlacement
     from offload_rt.engine.slots import SlotPool
-    from offload_rt.model.experts import expert_ffn
+    from offload_rt.quant.formats import FloatFormat
 
+    cpu = torch.device("cpu")
+    if ckpt.quantization is None and fmt.name != "float":  # the disk reads the float experts
+        fmt = FloatFormat(ckpt.config.hidden_size, ckpt.config.intermediate_size, ckpt.dtype)
+    pool = SlotPool(slots, fmt.numel, fmt.storage_dtype, cpu)
+    return (pool, ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False),
+            ExpertPlacement.for_format(ckpt, fmt, cpu))
+
+
+def _encode_s(ckpt: object, fmt: object, repeats: int = 5) -> float | None:
+    """Seconds ``fmt`` takes to encode one expert already in RAM (None: nothing to encode)."""
+    if ckpt.quantization is not None or fmt.name == "float":
+        return None
+    from cache_policies import ExpertKey
+    from offload_rt.quant.reader import QuantizingReader
+
+    reader, record = QuantizingReader(ckpt, fmt, direct=False), torch.empty(fmt.nbytes,
+                                                                          dtype=torch.uint8)
+    h, f = ckpt.config.hidden_size, ckpt.config.intermediate_size
+    packed = torch.empty(3 * h * f, dtype=reader.scratch_dtype)
+    reader.float_reader(ExpertKey(0, 0), packed)
+    w1, w3, w2 = packed[:f * h].view(f, h), packed[f * h:2 * f * h].view(f, h), \
+        packed[2 * f * h:].view(h, f)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fmt.encode_into(record, w1, w3, w2)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50,
+            options: dict | None = None) -> dict:
+    """Cold and warm read time of one expert as its file holds it, its encoding when quantized
+    at load, and its compute time for one token, in the format ``options`` (``experts``,
+    ``group_size``: as ``offload_rt.load``; None: the folder's own) selects."""
+    from cache_policies import ExpertKey
+    from offload_rt.checkpoint import Checkpoint
+    from offload_rt.quant.select import select_format
+
+    options = options or {}
     ckpt = Checkpoint.open(model_dir)
     cfg, files = ckpt.config, model_files(model_dir)
-    dtype = ckpt.dtype
-    slots = SlotPool(1, cfg.expert_numel, dtype, torch.device("cpu"))  # as the engine reads
-    cold_reader, warm_reader = ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False)
-    placement = ExpertPlacement(ckpt, dtype, torch.device("cpu"))
+    fmt = select_format(ckpt, options.get("experts"), options.get("group_size"), ckpt.dtype,
+                        torch.device("cpu"))
+    slots, cold_reader, warm_reader, placement = _format_io(ckpt, fmt, 1)
     cold, warm = [], []
     for layer, expert in _spread(cfg.num_layers, cfg.num_experts, samples):
         key = ExpertKey(layer, expert)
@@ -133,34 +170,49 @@ def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50) -> di
         start = time.perf_counter()
         warm_reader(key, out)
         warm.append(time.perf_counter() - start)
-    parallel = {str(q): _parallel_cold_read(ckpt, files, q) for q in (2, 4)}
-    x = torch.randn(1, cfg.hidden_size, dtype=dtype)  # [1, H]: one decode token
-    times = []
-    with torch.inference_mode():
-        for i in range(compute_repeats + 5):
-            start = time.perf_counter()
-            expert_ffn(x, out, cfg.hidden_size, cfg.intermediate_size)
-            if i >= 5:
-                times.append(time.perf_counter() - start)
+    parallel = {str(q): _parallel_cold_read(ckpt, files, q, fmt) for q in (2, 4)}
     nbytes = out.numel() * out.element_size()
+    compute = _compute_s(fmt, cfg.hidden_size, ckpt.dtype, compute_repeats)
     rc = _summary(cold)
     best = min([rc["median"], *parallel.values()])
-    return {"expert_bytes": nbytes, "read_cold_s": rc, "read_warm_s": _summary(warm),
+    return {"format": fmt.spec(), "expert_bytes": nbytes, "record_bytes": fmt.nbytes,
+            "read_cold_s": rc, "read_warm_s": _summary(warm),
             "read_cold_parallel_s": parallel, "read_cold_effective_s": best,
             "disk_cold_effective_GBps": round(nbytes / best / 1e9, 3),
-            "compute_s": _summary(times),
+            "encode_s": _encode_s(ckpt, fmt), "compute_s": _summary(compute),
             "disk_cold_GBps": round(nbytes / rc["median"] / 1e9, 3),
             "num_layers": cfg.num_layers, "num_experts": cfg.num_experts, "top_k": cfg.top_k,
             "torch_threads": torch.get_num_threads()}
 
 
-def limit(t_res: float, t_read: float, loads: float, overlap: float) -> dict:
-    """Seconds-per-token bounds for ``loads`` expert reads of ``t_read`` each per token."""
-    io = loads * t_read
-    bounds = {"limit": max(t_res, io), "serial": t_res + io,
-              "measured_overlap": max(t_res + (1.0 - overlap) * io, io)}
+def _compute_s(fmt: object, hidden: int, dtype: torch.dtype, repeats: int) -> list[float]:
+    """Seconds of ``fmt.ffn`` on one token (a random expert in the format)."""
+    gen = torch.Generator().manual_seed(0)
+    f = fmt.inter
+    w = [torch.randn(*shape, generator=gen) / shape[1] ** 0.5 for shape in
+         ((f, hidden), (f, hidden), (hidden, f))]
+    record = fmt.encode(*[m.to(dtype) for m in w])
+    x = torch.randn(1, hidden, generator=gen).to(dtype)  # [1, H]: one decode token
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            start = time.perf_counter()
+            fmt.ffn(x, record)
+            if i >= 5:
+                times.append(time.perf_counter() - start)
+    return times
+
+
+def limit(t_res: float, t_read: float, loads: float, overlap: float,
+          t_cpu: float = 0.0) -> dict:
+    """Seconds-per-token bounds for ``loads`` expert reads of ``t_read`` each per token, each
+    also costing ``t_cpu`` seconds of the CPU the step computes on (quantizing at load)."""
+    io, cpu = loads * t_read, t_res + loads * t_cpu
+    bounds = {"limit": max(cpu, io), "serial": cpu + io,
+              "measured_overlap": max(cpu + (1.0 - overlap) * io, io)}
     out = {f"{k}_tokens_per_s": round(1.0 / v, 3) for k, v in bounds.items()}
-    out.update(io_s_per_token=round(io, 6), bound_by="disk" if io > t_res else "compute")
+    out.update(io_s_per_token=round(io, 6), cpu_s_per_token=round(cpu, 6),
+               bound_by="disk" if io > cpu else "compute")
     return out
 
 
@@ -169,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                                                  "compute time; print JSON.")
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--samples", type=int, default=12, help="experts read (default 12)")
+    parser.add_argument("--experts", choices=("int8", "int4"), help="quantize at load")
+    parser.add_argument("--group-size", type=int)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.model_dir, args.samples)))
+    options = {k: v for k, v in (("experts", args.experts), ("group_size", args.group_size))
+               if v is not None}
+    print(json.dumps(measure(args.model_dir, args.samples, options=options)))
     return 0
 
 

@@ -20,7 +20,7 @@ instead of building a list, so nothing is allocated per access.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import overload
 
 from cache_policies.base import CachePolicy
@@ -43,6 +43,9 @@ class SimResult:
     capacity: int  # slots per pool: per layer when per_layer, else in total
     per_layer: bool
     policy: str  # the policy's name
+    # Per segment (consecutive runs of steps given to ``simulate``), in order; () = not asked.
+    segment_hits: tuple[int, ...] = ()
+    segment_misses: tuple[int, ...] = ()
 
 
 class _Evictable(Sequence[ExpertKey]):
@@ -97,6 +100,7 @@ def simulate(
     *,
     per_layer: bool = True,
     num_layers: int | None = None,
+    segments: Sequence[int] | None = None,
 ) -> SimResult:
     """Replay ``accesses`` through pools of ``capacity`` slots, one policy instance per pool.
 
@@ -104,6 +108,9 @@ def simulate(
     ``capacity`` slots, as when every layer has its own slot budget; otherwise one global pool.
     ``num_layers``: when given, keys must have ``0 <= layer < num_layers`` and the per-layer
     dicts list every layer, used or not.
+    ``segments``: numbers of consecutive steps (summing to ``len(accesses)``) whose hits and
+    misses are also counted apart (``SimResult.segment_hits``/``segment_misses``), e.g. each
+    sequence's prefill and decode (``cache_policies.segments``).
     Raises ``ValueError`` if ``capacity`` is below 1 or below the number of distinct keys a step
     needs from one pool (they are all pinned at once, so they must fit together), and
     ``PolicyHookError`` naming the policy class and hook when the policy raises (its own
@@ -127,8 +134,39 @@ def simulate(
 
     for layer in range(num_layers or 0):
         add_layer(layer)
-    now = _replay(accesses, pools, add_layer, capacity)
-    return _result(pools, now, capacity, per_layer, shared)
+    if segments is None:
+        now = _replay(accesses, pools, add_layer, capacity)
+        return _result(pools, now, capacity, per_layer, shared)
+    if sum(segments) != len(accesses) or min(segments, default=0) < 0:
+        raise ValueError(f"segments must be step counts summing to {len(accesses)} steps, got "
+                         f"{sum(segments)}")
+    now, start, counts = 0, 0, SegmentCounter(pools)
+    for length in segments:
+        now = _replay(accesses[start:start + length], pools, add_layer, capacity, now)
+        counts.cut(now)
+        start += length
+    return counts.result(_result(pools, now, capacity, per_layer, shared))
+
+
+class SegmentCounter:
+    """Hits and misses per segment, from the pools' running totals at each segment's end."""
+
+    def __init__(self, pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]]
+                 ) -> None:
+        self.pools = pools
+        self.hits: list[int] = []
+        self.misses: list[int] = []
+        self._hits = self._accesses = 0
+
+    def cut(self, accesses: int) -> None:
+        """A segment ended after ``accesses`` accesses in all."""
+        hits = sum(counts[0] for _, _, counts in self.pools.values())
+        self.hits.append(hits - self._hits)
+        self.misses.append(accesses - self._accesses - (hits - self._hits))
+        self._hits, self._accesses = hits, accesses
+
+    def result(self, total: SimResult) -> SimResult:
+        return replace(total, segment_hits=tuple(self.hits), segment_misses=tuple(self.misses))
 
 
 def _replay(
@@ -136,9 +174,10 @@ def _replay(
     pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
     add_layer: Callable[[int], tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
     capacity: int,
+    now: int = 0,
 ) -> int:
-    """The hot loop; returns the number of accesses replayed. Kept flat on purpose: speed."""
-    now = 0
+    """The hot loop from access ``now`` on; returns the number of accesses replayed by its end.
+    Kept flat on purpose: speed."""
     candidates = _Evictable()
     for step in accesses:
         for key in step:

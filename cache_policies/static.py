@@ -28,9 +28,16 @@ class StaticPolicy(CachePolicy):
         self._recency = Recency()
 
     @classmethod
-    def from_trace(cls, accesses: Iterable[ExpertKey], per_layer: int) -> StaticPolicy:
-        """Hot set = the ``per_layer`` most accessed experts of each layer (ties: smaller id)."""
+    def from_trace(cls, accesses: Iterable[ExpertKey], per_layer: int | None = None, *,
+                   total: int | None = None) -> StaticPolicy:
+        """Hot set = the ``per_layer`` most accessed experts of each layer, or the ``total``
+        most accessed experts of all layers (one global pool); ties: the smaller key."""
         counts = Counter(accesses)
+        if total is not None:
+            return cls(key for key, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                       [:total])
+        if per_layer is None:
+            raise ValueError("give per_layer or total")
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for key, n in counts.items():
             by_layer.setdefault(key.layer, []).append((-n, key.expert))

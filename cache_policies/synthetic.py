@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cache_policies.trace import Prediction, Record, Trace, TraceHeader
 
 MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2  # one Mixtral 8x7B expert in bfloat16
+MAX_ZIPF = 10.0  # r ** (2 * MAX_ZIPF) stays finite below 10**15 experts
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,37 @@ class SyntheticSpec:
     predict_accuracy: float | None = None  # None: record no predictions
     seed: int = 0
     expert_bytes: int | None = MIXTRAL_EXPERT_BYTES
+    sequences: int = 1  # generations, each a prefill (if any) then ``tokens`` decode tokens
 
     def __post_init__(self) -> None:
-        if min(self.num_layers, self.num_experts, self.top_k) < 1 or self.top_k > self.num_experts:
-            raise ValueError("need num_layers, num_experts >= 1 and 1 <= top_k <= num_experts")
-        if self.tokens < 0 or self.prefill < 0 or self.tokens + self.prefill == 0:
-            raise ValueError("tokens and prefill must be >= 0, and not both 0")
-        if self.zipf < 0 or not 0 <= self.layer_skew <= 1 or not 0 <= self.locality <= 1:
-            raise ValueError("need zipf >= 0, 0 <= layer_skew <= 1 and 0 <= locality <= 1")
-        if self.predict_accuracy is not None and not 0 <= self.predict_accuracy <= 1:
-            raise ValueError("predict_accuracy must be between 0 and 1")
+        for name in ("num_layers", "num_experts", "sequences"):
+            if getattr(self, name) < 1:
+                raise SyntheticSpecError(name, getattr(self, name), "must be >= 1")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise SyntheticSpecError("top_k", self.top_k, "must be between 1 and the number of "
+                                     f"experts ({self.num_experts})")
+        for name in ("tokens", "prefill"):
+            if getattr(self, name) < 0:
+                raise SyntheticSpecError(name, getattr(self, name), "must be >= 0")
+        if self.tokens + self.prefill == 0:
+            raise SyntheticSpecError("tokens", 0, "must be >= 1 without a prefill (no tokens)")
+        # Finite and bounded: an exponent past MAX_ZIPF overflows r ** s (and puts every pick
+        # on the top-k ranks anyway); NaN would pass a plain comparison.
+        if not 0 <= self.zipf <= MAX_ZIPF:
+            raise SyntheticSpecError("zipf", self.zipf, f"must be between 0 and {MAX_ZIPF}")
+        for name in ("layer_skew", "locality", "predict_accuracy"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise SyntheticSpecError(name, value, "must be between 0 and 1")
+
+
+class SyntheticSpecError(ValueError):
+    """A knob of ``SyntheticSpec`` out of range; ``field`` names it (the CLI maps it to its
+    flag)."""
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        super().__init__(f"{field} {rule}, got {value}")
+        self.field, self.value, self.rule = field, value, rule
 
 
 def synthetic_trace(spec: SyntheticSpec | None = None, **knobs: object) -> Trace:
@@ -54,11 +76,29 @@ def synthetic_trace(spec: SyntheticSpec | None = None, **knobs: object) -> Trace
     rng = random.Random(spec.seed)
     guess_rng = random.Random(f"predict:{spec.seed}")  # apart, so routing is the same either way
     weights = [_layer_weights(spec, layer, rng) for layer in range(spec.num_layers)]
-    previous: list[tuple[int, ...] | None] = [None] * spec.num_layers
     records: list[Record] = []
     sizes = ([spec.prefill] if spec.prefill else []) + [1] * spec.tokens
+    for seq in range(spec.sequences):
+        _sequence(spec, seq, sizes, weights, rng, guess_rng, records)
+    header = TraceHeader(spec.num_layers, spec.num_experts, spec.top_k,
+                         expert_bytes=spec.expert_bytes,
+                         prefetch=1 if spec.predict_accuracy is not None else 0,
+                         prompt_source="synthetic",
+                         sequences=[{"prompt_tokens": spec.prefill, "new_tokens": spec.tokens}
+                                    for _ in range(spec.sequences)],
+                         metadata={"synthetic": dict(vars(spec))})
+    return Trace(header, records)
+
+
+def _sequence(spec: SyntheticSpec, seq: int, sizes: list[int], weights: list[list[float]],
+              rng: random.Random, guess_rng: random.Random, records: list[Record]) -> None:
+    """One generation's records (forward calls of ``sizes`` tokens), appended to ``records``;
+    locality starts afresh, as a new prompt does."""
+    previous: list[tuple[int, ...] | None] = [None] * spec.num_layers
     pos = 0
-    for step, size in enumerate(sizes):
+    first = len(records) // spec.num_layers
+    for call, size in enumerate(sizes):
+        step = first + call
         chosen = []  # per layer: [T][K]
         for layer in range(spec.num_layers):
             rows = []
@@ -71,14 +111,8 @@ def synthetic_trace(spec: SyntheticSpec | None = None, **knobs: object) -> Trace
             chosen.append(tuple(rows))
         for layer in range(spec.num_layers):
             predicted = _predict(spec, chosen, layer, weights, guess_rng) if size == 1 else ()
-            records.append(Record(step, 0, pos, layer, chosen[layer], predicted=predicted))
+            records.append(Record(step, seq, pos, layer, chosen[layer], predicted=predicted))
         pos += size
-    header = TraceHeader(spec.num_layers, spec.num_experts, spec.top_k,
-                         expert_bytes=spec.expert_bytes,
-                         prefetch=1 if spec.predict_accuracy is not None else 0,
-                         prompt_source="synthetic",
-                         metadata={"synthetic": dict(vars(spec))})
-    return Trace(header, records)
 
 
 def _layer_weights(spec: SyntheticSpec, layer: int, rng: random.Random) -> list[float]:

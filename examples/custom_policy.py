@@ -1,6 +1,10 @@
-"""A new cache policy in ~20 lines: registered, simulated on a synthetic trace, run live.
+"""A new cache policy in ~20 lines: checked, registered, simulated on a trace, run live.
 
     python examples/custom_policy.py [MODEL_DIR]     # default: the shipped demo model
+
+``check_policy`` runs the contract every policy must meet (``cache_policies.testing``) and
+raises ``PolicyContractError`` saying what broke; CI runs it on this class
+(``tests/test_policy_testing.py``).
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ import sys
 from collections.abc import Sequence
 
 from cache_policies import CachePolicy, ExpertKey, register_policy
+from cache_policies.base import require_candidates
 from cache_policies.sim_report import compare, format_table
 from cache_policies.synthetic import synthetic_trace
+from cache_policies.testing import check_policy
 
 
 @register_policy
@@ -34,6 +40,7 @@ class MostRecentlyUsed(CachePolicy):
         self.last.pop(key, None)
 
     def choose_victim(self, candidates: Sequence[ExpertKey], now: int) -> ExpertKey:
+        require_candidates(candidates)  # a ValueError that says what was wrong
         return max(candidates, key=lambda k: (self.last.get(k, 0), k))
 
     def reset(self) -> None:
@@ -42,6 +49,7 @@ class MostRecentlyUsed(CachePolicy):
 
 
 def main(argv: list[str]) -> int:
+    check_policy(MostRecentlyUsed)  # before trusting any number it gives
     trace = synthetic_trace(num_layers=8, num_experts=8, top_k=2, tokens=500, seed=0)
     rows = compare(trace, policies=["lru", "mru", "opt"], capacities=[2, 4])
     print(format_table(rows))

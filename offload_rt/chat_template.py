@@ -1,4 +1,6 @@
-"""The Mixtral-Instruct (mistral-common v1) chat prompt, as token ids.
+"""The built-in Mixtral-Instruct (mistral-common v1) chat prompt, as token ids: used for folders
+without a chat template of their own (`chat_template_files.py`), such as mistral-inference
+folders and the demo model.
 
     <s>[INST] user1 [/INST] assistant1</s>[INST] user2 [/INST]
 
@@ -30,7 +32,7 @@ _ROLES = ("system", "user", "assistant")
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Prompt ids for `messages`; the model answers next (or continues a final assistant turn)."""
     _check_v1_vocabulary(tokenizer)
-    system, turns = _split_system(_read_messages(messages))
+    system, turns = _split_system(read_messages(messages))
     _check_turn_order(turns, offset=len(messages) - len(turns))
     ids = [tokenizer.bos_id]
     for index, (role, content) in enumerate(turns):
@@ -44,7 +46,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> 
     return ids
 
 
-def _read_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+def read_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
     """(role, content) pairs, rejecting anything that is not a known role with string content."""
     if isinstance(messages, (str, bytes)) or len(messages) == 0:
         raise OptionError("chat messages: expected a non-empty list of {role, content} mappings")
@@ -89,7 +91,13 @@ def _check_turn_order(turns: list[tuple[str, str]], offset: int) -> None:
 
 
 def _check_v1_vocabulary(tokenizer: Tokenizer) -> None:
-    """Refuse v2/v3 tokenizers, where `[INST]` is a control token and this format is wrong."""
+    """Refuse v2/v3 tokenizers, where `[INST]` is a control token and this format is wrong, and
+    tokenizers without the BOS and EOS tokens it needs."""
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise TokenizerError(
+            f"{tokenizer.path}: the folder has no chat template of its own, and the built-in "
+            "Mixtral-Instruct one needs BOS and EOS tokens, which this tokenizer does not name "
+            "(tokenizer_config.json's bos_token, eos_token); add the model's chat template")
     inst_id = tokenizer.piece_to_id("[INST]")
     if inst_id is not None and tokenizer.is_control(inst_id):
         raise TokenizerError(

@@ -4,13 +4,15 @@ Supported layouts (see README): Hugging Face (``config.json`` + ``model.safetens
 listed in ``model.safetensors.index.json``) and Mistral-native (``params.json`` +
 ``consolidated*.safetensors``). Model files are never unpickled: ``.bin``/``.pth`` are refused.
 A quantized folder (HF layout, ``docs/quantized_format.md``) holds one uint8 record per expert
-instead of its three matrices.
+instead of its three matrices. An fp8 checkpoint (``quant.fp8_scheme``) holds F8_E4M3 weights
+and their scales: trunk weights are dequantized as they are read, experts read as fp8 records.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +23,13 @@ from offload_rt.errors import CheckpointError
 from offload_rt.model_fields import check_tensor_names
 from offload_rt.quant.folder import QuantizedExperts, read_quantization
 from offload_rt.quant.formats import make_format
+from offload_rt.quant.fp8_scheme import Fp8Scheme
+from offload_rt.quant.fp8_tensors import check_header, fp8_scales, read_dequantized
 from offload_rt.safetensors_file import TensorInfo, read_header, read_into, read_tensor
 from offload_rt.weight_file import WeightFile
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+log = logging.getLogger(__name__)
 
 
 def permute_mistral_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -34,10 +39,22 @@ def permute_mistral_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _index_files(model_dir: Path, index_path: Path) -> list[Path]:
+    """The shards ``index_path``'s weight_map names: each a plain file name in ``model_dir``
+    (as transformers writes them). A path (``/etc/passwd``, ``../other/model.safetensors``,
+    ``sub/x.safetensors``) is refused by name: a model folder reads only its own files."""
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index_path}: unreadable shard index ({exc})") from exc
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: 'weight_map' must be an object mapping tensor "
+                              f"names to shard file names, got {type(weight_map).__name__}")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or "/" in shard \
+                or "\\" in shard or "\0" in shard:
+            raise CheckpointError(f"{index_path}: weight_map entry {tensor!r}: {shard!r} is not "
+                                  "a file name in the model folder (shards are named without "
+                                  "a folder, e.g. model-00001-of-00002.safetensors)")
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if not (model_dir / shard).is_file():
@@ -63,14 +80,15 @@ def _weight_files(model_dir: Path, layout: str) -> list[Path]:
     return files
 
 
-def _detect_layout(model_dir: Path) -> tuple[str, ModelConfig, QuantizedExperts | None]:
+def _detect_layout(model_dir: Path
+                   ) -> tuple[str, ModelConfig, QuantizedExperts | Fp8Scheme | None]:
     if not model_dir.exists():
         raise CheckpointError(f"{model_dir}: model folder does not exist")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a folder (give the model's folder)")
     if (model_dir / "config.json").is_file():
         path = model_dir / "config.json"
-        config = config_from_hf(path)  # refuses every quant_method but offload_rt's
+        config = config_from_hf(path)  # refuses every quant_method but offload_rt's and fp8
         return names.HF, config, read_quantization(read_json(path), path)
     if (model_dir / "params.json").is_file():
         return names.MISTRAL, config_from_mistral(model_dir / "params.json"), None
@@ -78,14 +96,16 @@ def _detect_layout(model_dir: Path) -> tuple[str, ModelConfig, QuantizedExperts 
                           "params.json (Mistral-native layout) found")
 
 
-def _read_headers(paths: list[Path], opened: list[WeightFile]) -> dict[str, TensorInfo]:
+def _read_headers(paths: list[Path], opened: list[WeightFile],
+                  fp8: Fp8Scheme | None) -> dict[str, TensorInfo]:
     """Open each file (appended to ``opened``) and parse its header."""
     tensors: dict[str, TensorInfo] = {}
     for path in paths:
         file = WeightFile(path)
         opened.append(file)
         header = read_header(file)
-        check_tensor_names(list(header), path)  # before "missing": say what format it is
+        check_header(fp8, header, path)  # before "missing": say what format it is
+        check_tensor_names(list(header), path, fp8.scale_endings if fp8 else ())
         for name, info in header.items():
             if name in tensors:
                 raise CheckpointError(f"{path}: tensor '{name}' also in {tensors[name].path}")
@@ -96,13 +116,14 @@ def _read_headers(paths: list[Path], opened: list[WeightFile]) -> dict[str, Tens
 @dataclass(frozen=True)
 class ExpertLocation:
     """The tensors one expert is stored as, in packing order: its three matrices (w1, w3, w2),
-    or in a quantized folder its one record."""
+    or in a quantized folder its one record; ``scales``: the matrices' scales (fp8 experts)."""
 
     parts: tuple[TensorInfo, ...]
+    scales: tuple[TensorInfo, ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.parts)
+        return sum(m.nbytes for m in self.parts + self.scales)
 
     @property
     def matrices(self) -> tuple[TensorInfo, ...]:
@@ -114,16 +135,20 @@ class Checkpoint:
     """A validated model folder. Construct with ``Checkpoint.open(path)``; its weight files
     stay open (one descriptor per shard) until ``close()``, so reads get the validated bytes
     (``weight_file``). ``quantization``: the expert format of a quantized folder (None: float
-    experts)."""
+    experts); ``fp8``: an fp8 checkpoint's scheme, ``fp8_scales`` its F8_E4M3 weights'
+    scales by weight name (filled by validation)."""
 
     def __init__(self, model_dir: Path, layout: str, config: ModelConfig,
                  tensors: dict[str, TensorInfo], files: list[WeightFile] | None = None,
-                 quantization: QuantizedExperts | None = None) -> None:
+                 quantization: QuantizedExperts | Fp8Scheme | None = None) -> None:
         self.model_dir, self.layout, self.config = model_dir, layout, config
-        self.quantization = quantization
+        self.names = names.names_of(layout, config.family)  # the family's tensor names
+        self.quantization = quantization if isinstance(quantization, QuantizedExperts) else None
+        self.fp8 = quantization if isinstance(quantization, Fp8Scheme) else None
+        self.fp8_scales: dict[str, TensorInfo] = {}
         self._tensors = tensors
         self.files = files or []
-        self.dtype = tensors[names.file_name(layout, "embed")].dtype
+        self.dtype = tensors[self.names.file_name("embed")].dtype
 
     @classmethod
     def open(cls, model_dir: str | Path) -> Checkpoint:
@@ -132,11 +157,13 @@ class Checkpoint:
         layout, config, quantization = _detect_layout(model_dir)
         files: list[WeightFile] = []
         try:
-            tensors = _read_headers(_weight_files(model_dir, layout), files)
-            embed = names.file_name(layout, "embed")
+            fp8 = quantization if isinstance(quantization, Fp8Scheme) else None
+            tensors = _read_headers(_weight_files(model_dir, layout), files, fp8)
+            embed = names.file_name(layout, "embed", config.family)
             if embed not in tensors:  # checked first: the file dtype is read from it
                 raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing from the "
                                       "weight files")
+            config = _untie_if_head_given(config, layout, tensors)
             ckpt = cls(model_dir, layout, config, tensors, files, quantization)
             ckpt._validate()
         except BaseException:
@@ -152,16 +179,16 @@ class Checkpoint:
             file.close()
 
     def _expected(self) -> dict[str, tuple[int, ...]]:
-        expected = {names.file_name(self.layout, c): s
+        expected = {self.names.file_name(c): s
                     for c, s in names.trunk_shapes(self.config).items()}
         cfg, quant = self.config, self.quantization
         for layer in range(cfg.num_layers):
             for e in range(cfg.num_experts):
                 if quant is not None:
-                    expected[names.record_name(layer, e)] = (quant.record_bytes,)
+                    expected[self.names.record_name(layer, e)] = (quant.record_bytes,)
                     continue
                 for w, shape in names.expert_shapes(cfg).items():
-                    expected[names.expert_name(self.layout, layer, e, w)] = shape
+                    expected[self.names.expert_name(layer, e, w)] = shape
         return expected
 
     def _check_record_bytes(self) -> None:
@@ -181,7 +208,10 @@ class Checkpoint:
     def _validate(self) -> None:
         self._check_record_bytes()
         expected = self._expected()
-        tied_head = names.file_name(self.layout, "lm_head")
+        if self.fp8 is not None:
+            self.fp8_scales = fp8_scales(self.fp8, self._tensors, expected, self.names,
+                                         self.config)
+            expected.update({s.name: s.shape for s in self.fp8_scales.values()})
         for name, shape in expected.items():
             info = self._tensors.get(name)
             if info is None:
@@ -190,25 +220,36 @@ class Checkpoint:
             if info.shape != shape:
                 raise CheckpointError(f"{info.path}: tensor '{name}' has shape {list(info.shape)}"
                                       f", the config implies {list(shape)}")
-            _check_dtype(info, record=name.endswith(".record"))
+            _check_dtype(info, record=name.endswith(".record"), fp8=name in self.fp8_scales)
         extra = [n for n in self._tensors if n not in expected
-                 and not n.endswith(names.IGNORED_SUFFIXES)
-                 and not (n == tied_head and self.config.tie_word_embeddings)]
+                 and not n.endswith(names.IGNORED_SUFFIXES)]
         if extra:
             raise CheckpointError(f"{self.model_dir}: unexpected tensors {sorted(extra)[:5]} "
-                                  f"({len(extra)} in all): not a Mixtral-family checkpoint?")
+                                  f"({len(extra)} in all): not a {self.config.family} checkpoint "
+                                  "(config.json's model_type)?")
 
     @property
     def expert_dtype(self) -> torch.dtype:
-        """The dtype experts are stored in: a float dtype, or uint8 for records."""
+        """The dtype experts are stored in: a float dtype, float8_e4m3fn (fp8 experts), or
+        uint8 for records."""
         return self.expert(0, 0).parts[0].dtype
 
+    @property
+    def fp8_experts(self) -> bool:
+        """Whether the experts are F8_E4M3 with scales (an fp8 checkpoint's)."""
+        return bool(self.expert(0, 0).scales)
+
     def info(self, canonical: str) -> TensorInfo:
-        return self._tensors[names.file_name(self.layout, canonical)]
+        return self._tensors[self.names.file_name(canonical)]
 
     def read(self, canonical: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one trunk tensor by canonical name (``layers.3.wq``), in HF rotary order."""
-        t = read_tensor(self.info(canonical))
+        """Read one trunk tensor by canonical name (``layers.3.wq``), in HF rotary order; an
+        fp8 weight dequantized into ``dtype`` (None: float32)."""
+        info = self.info(canonical)
+        scale = self.fp8_scales.get(info.name)
+        if scale is not None and self.fp8 is not None:
+            return read_dequantized(info, scale, self.fp8, dtype or torch.float32)
+        t = read_tensor(info)
         if self.layout == names.MISTRAL and canonical.endswith((".wq", ".wk")):
             heads = self.config.num_heads if canonical.endswith(".wq") else self.config.num_kv_heads
             t = permute_mistral_to_hf(t, heads)
@@ -218,10 +259,11 @@ class Checkpoint:
         """Byte ranges of one expert's parts, in packing order: its record in a quantized
         folder, else its matrices."""
         if self.quantization is not None:
-            return ExpertLocation((self._tensors[names.record_name(layer, expert)],))
-        infos = tuple(self._tensors[names.expert_name(self.layout, layer, expert, w)]
+            return ExpertLocation((self._tensors[self.names.record_name(layer, expert)],))
+        infos = tuple(self._tensors[self.names.expert_name(layer, expert, w)]
                       for w in names.EXPERT_MATRICES)
-        return ExpertLocation(infos)
+        scales = tuple(self.fp8_scales[i.name] for i in infos if i.name in self.fp8_scales)
+        return ExpertLocation(infos, scales)
 
     def read_expert_into(self, layer: int, expert: int, out: torch.Tensor, *,
                          drop_page_cache: bool = False) -> int:
@@ -234,6 +276,9 @@ class Checkpoint:
         ``read_into``). Returns how many parts the disk wrote straight into ``out``.
         """
         location = self.expert(layer, expert)
+        if location.scales:
+            raise ValueError(f"expert L{layer}E{expert} is fp8: read it into a record with "
+                             "quant.fp8_reader.Fp8Reader")
         numel = sum(info.numel for info in location.parts)
         if out.numel() != numel:
             raise ValueError(f"buffer holds {out.numel()} elements, expert L{layer}E{expert} "
@@ -252,8 +297,25 @@ class Checkpoint:
         return in_place
 
 
-def _check_dtype(info: TensorInfo, *, record: bool) -> None:
-    """Expert records are uint8 bytes; every other tensor is float32, bfloat16 or float16."""
+def _untie_if_head_given(config: ModelConfig, layout: str,
+                         tensors: dict[str, TensorInfo]) -> ModelConfig:
+    """``tie_word_embeddings`` true and an LM head in the files: the file's head is used, as
+    transformers 5 does (its loader keeps both, untied, when they differ; when they are equal,
+    either gives the same logits), and a warning says so."""
+    head = names.file_name(layout, "lm_head", config.family)
+    if not config.tie_word_embeddings or head not in tensors:
+        return config
+    log.warning("%s: tie_word_embeddings is true but %s holds '%s': using that tensor as the "
+                "LM head, as transformers does (set tie_word_embeddings to false to silence "
+                "this)", tensors[head].path.parent / "config.json", tensors[head].path, head)
+    return replace(config, tie_word_embeddings=False)
+
+
+def _check_dtype(info: TensorInfo, *, record: bool, fp8: bool = False) -> None:
+    """Expert records are uint8 bytes; fp8 weights (with a scale) F8_E4M3; every other
+    tensor is float32, bfloat16 or float16."""
+    if fp8:
+        return  # checked with its scale (quant.fp8_tensors)
     if record and info.dtype != torch.uint8:
         raise CheckpointError(f"{info.path}: tensor '{info.name}' has dtype {info.dtype}; an "
                               "expert record is uint8 (U8) bytes")

@@ -24,20 +24,24 @@ from offload_rt.cli_bench import add_bench_parser
 from offload_rt.cli_chat import add_chat_parser
 from offload_rt.cli_generate import add_generate_parser
 from offload_rt.cli_quantize import add_quantize_parser
+from offload_rt.cli_serve import add_serve_parser
 from offload_rt.cli_simulate import add_simulate_parser, add_trace_parser
 from offload_rt.cli_stream import EXIT_STATUS
+from offload_rt.cli_trace_stats import add_trace_stats_parser
 from offload_rt.errors import OffloadError
 
 PROG = "offload-rt"
 SUBCOMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
     add_generate_parser, add_chat_parser, add_bench_parser, add_trace_parser, add_simulate_parser,
-    add_quantize_parser)
+    add_trace_stats_parser,
+    add_quantize_parser, add_serve_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Run Mixtral-family MoE models with expert offloading.",
+        prog=PROG, description="Run Mixture-of-Experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+                               "OLMoE) with expert offloading.",
         epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -27,9 +27,11 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def has_tokenizer(model_dir: Path) -> bool:
-    """Whether the folder has a sentencepiece file, as ``offload_rt.load`` looks for one
-    (``tokenizer.model``, ``tokenizer.model.v1``...)."""
-    return any(Path(model_dir).glob("tokenizer.model*"))
+    """Whether the folder has a tokenizer file, as ``offload_rt.load`` looks for one
+    (``tokenizer.json``, ``tokenizer.model``, ``tokenizer.model.v1``...; the same test as
+    ``offload_rt.tokenizer.has_tokenizer_file``, without importing the tokenizer libraries)."""
+    return (Path(model_dir) / "tokenizer.json").is_file() \
+        or any(Path(model_dir).glob("tokenizer.model*"))
 
 
 def require_tokenizer(model_dir: Path, what: str, instead: str) -> None:
@@ -37,8 +39,8 @@ def require_tokenizer(model_dir: Path, what: str, instead: str) -> None:
     the way that works without (``--prompt-ids 1,2,3``). A folder that is not there is left
     to ``offload_rt.load``, which says so."""
     if Path(model_dir).is_dir() and not has_tokenizer(model_dir):
-        raise OptionError(f"{model_dir} has no tokenizer (tokenizer.model), so {what} cannot "
-                          f"be encoded; {instead}")
+        raise OptionError(f"{model_dir} has no tokenizer (tokenizer.json or tokenizer.model), "
+                          f"so {what} cannot be encoded; {instead}")
 
 
 def check_sampling_fields(model_dir: Path, args: argparse.Namespace,

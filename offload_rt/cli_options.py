@@ -13,7 +13,14 @@ from typing import Any
 from cache_policies.registry import available_policies, policy_class
 from offload_rt.demo import DEMO_CACHE_EXPERTS, demo_model_dir, demo_options
 from offload_rt.generation_config import DEFAULT_MAX_NEW_TOKENS, read_generation_config
-from offload_rt.options import EXPERT_FORMATS, POOLS, RuntimeOptions
+from offload_rt.options import (
+    DEFAULT_POLICY,
+    DEFAULT_POOL,
+    DEFAULT_PREFETCH,
+    EXPERT_FORMATS,
+    POOLS,
+    RuntimeOptions,
+)
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 GREEDY = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0, "top_k": 0, "top_p": 1}
@@ -97,20 +104,28 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-experts", metavar="K", type=int, default=d.cache_experts,
                        help="device expert slots per layer, top_k..experts (forces "
                             "offloading; refused with --no-offload)")
-    group.add_argument("--policy", metavar="NAME", type=policy_spec, default=d.policy,
+    group.add_argument("--policy", metavar="NAME", type=policy_spec, default=None,
                        help=f"expert eviction policy: {', '.join(available_policies())}, or a "
-                            "class as pkg.module:Class (default: %(default)s)")
-    group.add_argument("--prefetch", metavar="D", type=int, default=d.prefetch,
-                       help="prefetch experts D layers ahead; 0 = off (default: %(default)s)")
-    group.add_argument("--pool", choices=POOLS, default=d.pool,
+                            f"class as pkg.module:Class (default: {DEFAULT_POLICY}; refused "
+                            "with --no-offload)")
+    group.add_argument("--prefetch", metavar="D", type=int, default=None,
+                       help=f"prefetch experts D layers ahead; 0 = off (default: "
+                            f"{DEFAULT_PREFETCH}; refused with --no-offload)")
+    group.add_argument("--pool", choices=POOLS, default=None,
                        help="expert cache pools: one per layer, one shared (global), or auto = "
-                            "per layer when that fits (default: %(default)s)")
+                            f"per layer when that fits (default: {DEFAULT_POOL}; refused with "
+                            "--no-offload)")
     group.add_argument("--max-seq-len", metavar="N", type=int, default=d.max_seq_len,
                        help="context length to allocate (default: min(model's, 4096))")
-    group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=d.offload,
-                       help="always / never stream experts (default: only when they do not "
-                            "fit); --no-offload is refused with --cache-experts or with a "
-                            "budget too small for every expert")
+    offload = group.add_mutually_exclusive_group()
+    offload.add_argument("--offload", dest="offload", action="store_const", const=True,
+                         default=d.offload,
+                         help="always stream experts through the cache (default: only when "
+                              "they do not fit)")
+    offload.add_argument("--no-offload", dest="offload", action="store_const", const=False,
+                         help="keep every expert resident; refused with --cache-experts, "
+                              "--policy, --prefetch, --pool, or a budget too small for every "
+                              "expert")
     group.add_argument("--experts", choices=EXPERT_FORMATS, default=d.experts,
                        help="expert format: int8/int4 quantize a float folder's experts as "
                             "they are read (int4: --device cpu only); a quantized folder runs "

@@ -2,10 +2,12 @@
 
     offload-rt trace [MODEL_DIR] --prompt "Hello" --max-new-tokens 64 -o run.trace.jsonl.gz
     offload-rt simulate run.trace.jsonl.gz --policies lru,lfu,opt --capacity 2,4,6 --plot hr.png
+    offload-rt simulate run.trace.jsonl.gz --slots 7,17,24       # one global pool, slots in all
     offload-rt simulate --synthetic --layers 32 --experts 8 --tokens 2000 --zipf 1.1
 
 Both only parse and call: ``offload_rt.trace_recorder`` records, ``cache_policies.sim_report``
-replays and tabulates, ``cache_policies.plot`` draws.
+replays and tabulates (``cache_policies.pool_sizes`` checks the sizes, ``cache_policies.live``
+sets the recorded run against its replay), ``cache_policies.plot`` draws.
 """
 
 from __future__ import annotations
@@ -15,15 +17,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cache_policies.live import live_check, live_note
 from cache_policies.policy_errors import PolicyHookError
+from cache_policies.pool_sizes import capacities, global_slots, parse_sizes
 from cache_policies.sim_report import DEFAULT_POLICIES, Row, compare, format_table, rows_json
-from cache_policies.synthetic import SyntheticSpec, synthetic_trace
-from cache_policies.trace import Trace, read_trace, write_trace
+from cache_policies.trace import Trace, write_trace
 from offload_rt.cli_checks import check_output_path, write_output
+from offload_rt.cli_traces import add_trace_inputs, input_notes, load_traces
 from offload_rt.errors import OptionError, PolicyError
 from offload_rt.text_input import BOM, check_text, decode_text
-
-DEFAULT_CAPACITIES = (2, 4, 6)
 
 
 def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] | None = None
@@ -32,59 +34,44 @@ def add_simulate_parser(subparsers: Any, parents: list[argparse.ArgumentParser] 
     parser = subparsers.add_parser(
         "simulate", parents=parents or [], help="replay routing traces through cache policies",
         description="Replay routing traces (from `offload-rt trace`, or synthetic ones) through "
-                    "expert-cache eviction policies at several capacities, next to the optimal "
+                    "expert-cache eviction policies at several pool sizes, next to the optimal "
                     "(Belady) policy. Prints a table, or one JSON line with --json.")
-    parser.add_argument("traces", metavar="TRACE", nargs="*", type=Path,
-                        help="trace files (.jsonl or .jsonl.gz)")
+    add_trace_inputs(parser)
     sim = parser.add_argument_group("simulation")
     sim.add_argument("--policies", metavar="LIST", type=_names, default=list(DEFAULT_POLICIES),
                      help="comma-separated policy names or pkg.module:Class paths "
                           f"(default: {','.join(DEFAULT_POLICIES)})")
-    sim.add_argument("--capacity", metavar="LIST", type=_ints, default=None,
-                     help="expert slots per layer to try, comma-separated, each from the "
-                          "trace's top_k to its experts per layer (what the runtime accepts "
-                          "as --cache-experts; others are refused); a global pool gets this "
-                          "many times the number of layers (default: those of 2,4,6 in that "
-                          "range, else top_k)")
-    sim.add_argument("--pool", choices=("layer", "global"), default="layer",
-                     help="a pool per layer, or one shared pool (default: %(default)s)")
+    sim.add_argument("--capacity", metavar="LIST", type=_sizes, default=None,
+                     help="slots PER LAYER to try, comma-separated or 'all', each from the "
+                          "trace's top_k to its experts per layer (the runtime's "
+                          "--cache-experts); with --pool global one pool of this many times "
+                          "the layers (default, unless --slots is given: those of 2,4,6 in "
+                          "that range, else top_k)")
+    sim.add_argument("--slots", metavar="LIST", type=_sizes, default=None,
+                     help="slots IN TOTAL of one global pool, comma-separated or 'all', from "
+                          "top_k to layers x experts: what a --pool global budget holds (e.g. "
+                          "7,17,24); rows say 'N total'")
+    sim.add_argument("--pool", choices=("layer", "global"), default=None,
+                     help="the layout --capacity sizes: a pool per layer, or one shared pool "
+                          "(default: layer)")
     sim.add_argument("--prefetch", action="store_true",
                      help="model prefetch: recorded predictions are loaded before the next "
-                          "layer runs (opt stays demand-only; a trace recorded with "
-                          "--prefetch 0 has none: a note says so)")
+                          "layer runs; adds opt+prefetch, the bound for these rows (opt stays "
+                          "demand-only; a trace recorded with --prefetch 0 has none: a note "
+                          "says so)")
     sim.add_argument("--expert-bytes", metavar="N", type=_positive, default=None,
                      help="bytes of one expert for MB/token, >= 1 (default: the trace's)")
+    sim.add_argument("--resamples", metavar="N", type=_count, default=2000,
+                     help="bootstrap resamples for the 95%% intervals over a trace's sequences "
+                          "(0: none; default: %(default)s)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     out.add_argument("--per-layer", action="store_true", help="add per-layer hit rates to the table")
-    out.add_argument("--plot", metavar="PNG", type=Path, help="also write a hit-rate plot (needs "
-                     "matplotlib: pip install '.[plot]' in the source tree)")
-    _add_synthetic_arguments(parser)
+    out.add_argument("--plot", metavar="PNG", type=Path, help="also write plots: miss ratio "
+                     "(log axis) and fraction of opt against slots, one panel per pool layout "
+                     "(needs matplotlib: pip install '.[plot]' in the source tree)")
     parser.set_defaults(run=run_simulate)
     return parser
-
-
-def _add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:
-    d = SyntheticSpec()
-    g = parser.add_argument_group("synthetic trace (instead of TRACE files)")
-    g.add_argument("--synthetic", action="store_true", help="generate a trace; no model needed")
-    g.add_argument("--layers", metavar="N", type=int, default=d.num_layers, help="default: %(default)s")
-    g.add_argument("--experts", metavar="N", type=int, default=d.num_experts, help="default: %(default)s")
-    g.add_argument("--top-k", metavar="K", type=int, default=d.top_k, help="default: %(default)s")
-    g.add_argument("--tokens", metavar="N", type=int, default=d.tokens, help="decode tokens "
-                   "(default: %(default)s)")
-    g.add_argument("--prefill", metavar="N", type=int, default=d.prefill, help="prompt tokens in one prefill "
-                   "call first (default: %(default)s)")
-    g.add_argument("--zipf", metavar="S", type=float, default=d.zipf, help="popularity exponent "
-                   "(default: %(default)s)")
-    g.add_argument("--locality", metavar="P", type=float, default=d.locality, help="probability a token "
-                   "reuses the previous token's experts (default: %(default)s)")
-    g.add_argument("--layer-skew", metavar="X", type=float, default=d.layer_skew, help="0..1: spread of the "
-                   "Zipf exponent over layers (default: %(default)s)")
-    g.add_argument("--predict-accuracy", metavar="P", type=float, default=None, help="record next-layer "
-                   "predictions right with this probability (default: none)")
-    g.add_argument("--seed", metavar="S", type=int, default=d.seed, help="default: %(default)s")
-    g.add_argument("--save-trace", metavar="FILE", type=Path, help="write the synthetic trace")
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -94,20 +81,51 @@ def run_simulate(args: argparse.Namespace) -> int:
         if path is not None:
             check_output_path(path, flag)  # before the simulation, not after it
     rows: list[Row] = []
-    for label, trace in _traces(args):
-        capacities = _capacities(label, trace, args.capacity)
-        try:
-            rows += compare(trace, args.policies, capacities, per_layer=args.pool == "layer",
-                            prefetch=args.prefetch, label=label, expert_bytes=args.expert_bytes)
-        except PolicyHookError as exc:
-            raise PolicyError(f"{label}: {exc}") from exc
-        except ValueError as exc:
-            raise OptionError(f"{label}: {exc}") from exc
+    live = []
+    trace_notes = []
+    for label, path, trace in load_traces(args):
+        rows += _compare(args, label, path, trace)
+        if args.prefetch and not trace.has_predictions:
+            trace_notes.append(f"{label}: --prefetch: no effect: the trace holds no predictions "
+                               "(recorded with --prefetch 0, or --synthetic without "
+                               "--predict-accuracy), so the modelled --prefetch loaded nothing")
+        check = live_check(trace, label)
+        if check is not None:
+            live.append(check)
     if args.plot is not None:
         _plot(rows, args.plot)
-    print(rows_json(rows) if args.json else format_table(rows, per_layer=args.per_layer),
-          flush=True)
+    notes = [*flag_notes(args), *trace_notes, *(live_note(c) for c in live)]
+    print(rows_json(rows, notes, live) if args.json else
+          format_table(rows, per_layer=args.per_layer, extra_notes=notes), flush=True)
     return 0
+
+
+def _compare(args: argparse.Namespace, label: str, path: str, trace: Trace) -> list[Row]:
+    try:
+        caps = capacities(trace.header, args.capacity, label) \
+            if args.capacity is not None or args.slots is None else []
+        slots = global_slots(trace.header, args.slots, label)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from exc
+    try:
+        return compare(trace, args.policies, caps, per_layer=args.pool != "global",
+                       prefetch=args.prefetch, slots=slots, label=label, path=path,
+                       expert_bytes=args.expert_bytes, resamples=args.resamples)
+    except PolicyHookError as exc:
+        raise PolicyError(f"{label}: {exc}") from exc
+    except ValueError as exc:
+        raise OptionError(f"{label}: {exc}") from exc
+
+
+def flag_notes(args: argparse.Namespace) -> list[str]:
+    """Flags given that change nothing here, said in a note rather than silently ignored."""
+    out = input_notes(args)
+    if args.pool is not None and args.capacity is None and args.slots is not None:
+        out.append(f"--pool {args.pool}: no effect: it sets the layout of --capacity; "
+                   "--slots always sizes one global pool")
+    if args.json and args.per_layer:
+        out.append("--per-layer: no effect with --json (every row has per_layer)")
+    return out
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -120,45 +138,6 @@ def _plot(rows: list[Row], path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _capacities(label: str, trace: Trace, given: list[int] | None) -> list[int]:
-    """The capacities to simulate: ``given``, refusing what the runtime refuses as
-    --cache-experts (slots per layer, either pool); by default those of 2,4,6 it accepts."""
-    top_k, experts = trace.header.top_k, trace.header.num_experts
-    if given is None:
-        return [c for c in DEFAULT_CAPACITIES if top_k <= c <= experts] or [top_k]
-    for capacity in given:
-        if capacity < top_k:
-            raise OptionError(f"{label}: --capacity {capacity} is below the trace's top_k "
-                              f"({top_k}): a token's top_k experts of a layer must be resident "
-                              "together, and the runtime refuses --cache-experts below top_k")
-        if capacity > experts:
-            raise OptionError(f"{label}: --capacity {capacity} is above the trace's {experts} "
-                              "experts per layer: every expert fits and none is ever evicted; "
-                              "the runtime refuses --cache-experts above the number of experts")
-    return given
-
-
-def _traces(args: argparse.Namespace) -> list[tuple[str, Trace]]:
-    if bool(args.traces) == bool(args.synthetic):
-        raise OptionError("give TRACE files or --synthetic (one of the two)")
-    if not args.synthetic:
-        try:
-            return [(path.name, read_trace(path)) for path in args.traces]
-        except ValueError as exc:
-            raise OptionError(str(exc)) from exc
-    try:
-        spec = SyntheticSpec(num_layers=args.layers, num_experts=args.experts, top_k=args.top_k,
-                             tokens=args.tokens, prefill=args.prefill, zipf=args.zipf,
-                             locality=args.locality, layer_skew=args.layer_skew,
-                             predict_accuracy=args.predict_accuracy, seed=args.seed)
-    except ValueError as exc:
-        raise OptionError(f"--synthetic: {exc}") from exc
-    trace = synthetic_trace(spec)
-    if args.save_trace is not None:
-        write_output(args.save_trace, "--save-trace", lambda p: write_trace(p, trace))
-    return [("synthetic", trace)]
-
-
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -167,23 +146,28 @@ def _names(text: str) -> list[str]:
 
 
 def _positive(text: str) -> int:
+    return _at_least(text, 1)
+
+
+def _count(text: str) -> int:
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, smallest: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < smallest:
+        raise argparse.ArgumentTypeError(f"must be >= {smallest}, got {value}")
     return value
 
 
-def _ints(text: str) -> list[int]:
+def _sizes(text: str) -> list[int] | str:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 2,4,6, got {text!r}")
-    return values
+        return parse_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---- recording: offload-rt trace / --trace -------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offload_rt import families
 from offload_rt import model_fields as fields
 from offload_rt.errors import CheckpointError
 
@@ -14,9 +15,15 @@ from offload_rt.errors import CheckpointError
 MISTRAL_DEFAULT_CONTEXT = 32768
 
 
+QK_NORMS = ("head", "projection")  # ModelConfig.qk_norm: over each head, or the whole projection
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Mixtral-family model. Field names follow HF's MixtralConfig."""
+    """Shapes, constants and block parts of an MoE model of a supported family
+    (``offload_rt.families``). Field names follow HF's MixtralConfig; ``intermediate_size``
+    is the routed experts' (Qwen's ``moe_intermediate_size``). The parts after
+    ``max_seq_len_source`` default to Mixtral's blocks."""
 
     hidden_size: int
     intermediate_size: int
@@ -35,6 +42,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)  # () = the file names none (the tokenizer's EOS stops)
     dtype: str | None = None  # config.json dtype/torch_dtype: the default compute dtype
     max_seq_len_source: str = field(default="", compare=False)  # "max_position_embeddings in …"
+    family: str = "mixtral"  # config.json's model_type: whose tensor names (offload_rt.families)
+    norm_topk_prob: bool = True  # top-k weights renormalized to sum to 1; False: softmax's own
+    qkv_bias: bool = False  # q/k/v projections have biases [Hq*D], [Hkv*D], [Hkv*D]
+    qk_norm: str | None = None  # RMSNorm of q and k: per "head" (weight [D]) or the whole
+    #                             "projection" (weights [Hq*D], [Hkv*D]), before RoPE
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip_qkv, clip_qkv] after the norms
+    shared_expert_size: int = 0  # intermediate size of an always-active shared expert scaled
+    #                              by sigmoid(gate x), resident in the trunk; 0: none
 
     def __post_init__(self) -> None:
         positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -49,6 +64,12 @@ class ModelConfig:
             raise CheckpointError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.qk_norm not in (None, *QK_NORMS):
+            raise CheckpointError(f"qk_norm must be one of {QK_NORMS} or None, got {self.qk_norm!r}")
+        if self.shared_expert_size < 0:
+            raise CheckpointError(f"shared_expert_size must be >= 0, got {self.shared_expert_size}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise CheckpointError(f"clip_qkv must be > 0 or None, got {self.clip_qkv}")
 
     def kv_positions(self, max_seq_len: int) -> int:
         """Positions one layer's KV cache holds for a context of ``max_seq_len``: all of them,
@@ -74,43 +95,28 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _require(data: dict[str, Any], key: str, path: Path, kind: type = int) -> Any:
-    if key not in data or data[key] is None:
-        raise CheckpointError(f"{path}: missing required field '{key}'")
-    value = data[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        # every required integer is a size or a count (a 0 would divide by zero below)
-        raise CheckpointError(f"{path}: field '{key}' must be a positive integer, got {value!r}")
-    if kind is float and not isinstance(value, (int, float)):
-        raise CheckpointError(f"{path}: field '{key}' must be a number, got {value!r}")
-    return value
+# What a value <= 0 would compute, for the refusals of the two float fields.
+_EPS_WHY = (" (RMSNorm divides by sqrt(mean square + eps): 0 gives NaN on an all-zero row, "
+            "a negative eps NaN wherever the mean square is below it)")
+_THETA_WHY = " (the RoPE base: 0 or a negative base gives NaN or infinite rotation angles)"
 
 
-def _hf_rope_theta(data: dict[str, Any], path: Path) -> float:
+def _hf_rope_theta(data: dict[str, Any], path: Path, default: float) -> float:
     """transformers < 5 writes top-level rope_theta (scaling in rope_scaling); 5.x nests both in
-    rope_parameters. Only the default (unscaled) RoPE is implemented."""
+    rope_parameters. Only the default (unscaled) RoPE is implemented. ``default``: the
+    family's, for a file that gives none."""
     for key in ("rope_parameters", "rope_scaling"):
-        params = data.get(key)
-        if isinstance(params, dict):
+        params = fields.section(data, key, path)
+        if params is not None:
             rope_type = params.get("rope_type", params.get("type", "default"))
             if rope_type != "default":
-                raise CheckpointError(f"{path}: unsupported rope_type '{rope_type}' in {key} "
+                raise CheckpointError(f"{path}: unsupported rope_type {rope_type!r} in {key} "
                                       "(only 'default')")
-    params = data.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(_require(params, "rope_theta", path, float))
-    if "rope_theta" in data:
-        return float(_require(data, "rope_theta", path, float))
-    return 1e6
-
-
-def _hf_check_architecture(data: dict[str, Any], path: Path) -> None:
-    model_type = data.get("model_type")
-    archs = data.get("architectures") or []
-    if model_type != "mixtral" and "MixtralForCausalLM" not in archs:
-        raise CheckpointError(f"{path}: unsupported architecture (model_type={model_type!r}, "
-                              f"architectures={archs}); offload_rt runs Mixtral-family MoE models")
-    fields.check_hf_fields(data, path)
+    params = fields.section(data, "rope_parameters", path)
+    if params is not None and "rope_theta" in params:
+        return fields.positive_number(params, "rope_theta", path, default,
+                                      section="rope_parameters", why=_THETA_WHY)
+    return fields.positive_number(data, "rope_theta", path, default, why=_THETA_WHY)
 
 
 def _checked(path: Path, **values: Any) -> ModelConfig:
@@ -122,61 +128,63 @@ def _checked(path: Path, **values: Any) -> ModelConfig:
 
 
 def config_from_hf(path: Path) -> ModelConfig:
-    """Read an HF ``config.json`` of a Mixtral model."""
+    """Read an HF ``config.json`` of a supported family (``offload_rt.families``, by its
+    ``model_type``). Every field read is type-checked (``CheckpointError`` naming the file and
+    field); the family reads its own fields and refuses what it does not implement."""
     data = read_json(path)
-    _hf_check_architecture(data, path)
-    hidden = _require(data, "hidden_size", path)
-    heads = _require(data, "num_attention_heads", path)
-    head_dim = data.get("head_dim") or hidden // heads
+    family = families.family_of(data, path)
+    fields.check_hf_fields(data, path)
+    heads = fields.integer(data, "num_attention_heads", path)
+    vocab = fields.integer(data, "vocab_size", path)
+    eps = fields.positive_number(data, "rms_norm_eps", path, family.rms_norm_eps, why=_EPS_WHY)
     return _checked(
         path,
-        hidden_size=hidden,
-        intermediate_size=_require(data, "intermediate_size", path),
-        num_layers=_require(data, "num_hidden_layers", path),
+        hidden_size=fields.integer(data, "hidden_size", path),
+        num_layers=fields.integer(data, "num_hidden_layers", path),
         num_heads=heads,
-        num_kv_heads=data.get("num_key_value_heads") or heads,
-        head_dim=int(head_dim),
-        num_experts=_require(data, "num_local_experts", path),
-        top_k=_require(data, "num_experts_per_tok", path),
-        vocab_size=_require(data, "vocab_size", path),
-        rms_norm_eps=float(data.get("rms_norm_eps", 1e-5)),
-        rope_theta=_hf_rope_theta(data, path),
-        max_seq_len=_require(data, "max_position_embeddings", path),
-        tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-        sliding_window=fields.sliding_window(data, path, ("sliding_window",)),
-        eos_token_ids=fields.token_ids(data, "eos_token_id", path, (2,)),  # MixtralConfig's 2
+        num_kv_heads=fields.integer(data, "num_key_value_heads", path, heads),
+        top_k=fields.integer(data, "num_experts_per_tok", path),
+        vocab_size=vocab,
+        rms_norm_eps=eps,
+        rope_theta=_hf_rope_theta(data, path, family.rope_theta),
+        max_seq_len=fields.integer(data, "max_position_embeddings", path),
+        tie_word_embeddings=fields.flag(data, "tie_word_embeddings", path),
+        eos_token_ids=fields.token_ids(data, "eos_token_id", path, family.eos_token_ids, vocab),
         dtype=fields.declared_dtype(data, path),
         max_seq_len_source=f"max_position_embeddings in {path}",
+        family=family.model_type,
+        **family.read(data, path),
     )
 
 
 def config_from_mistral(path: Path) -> ModelConfig:
-    """Read a Mistral-native ``params.json`` (mistral-inference field names)."""
+    """Read a Mistral-native ``params.json`` (mistral-inference field names), every field
+    type-checked as ``config_from_hf``'s."""
     data = read_json(path)
-    moe = data.get("moe")
-    if not isinstance(moe, dict):
+    moe = fields.section(data, "moe", path)
+    if moe is None:
         raise CheckpointError(f"{path}: no 'moe' section: not a Mixture-of-Experts model "
                               "(offload_rt runs Mixtral-family MoE models)")
     fields.check_mistral_fields(data, path)
-    dim = _require(data, "dim", path)
-    heads = _require(data, "n_heads", path)
+    dim = fields.integer(data, "dim", path)
+    heads = fields.integer(data, "n_heads", path)
+    context = fields.integer(data, "max_seq_len", path, None)
     return _checked(
         path,
         hidden_size=dim,
-        intermediate_size=_require(data, "hidden_dim", path),
-        num_layers=_require(data, "n_layers", path),
+        intermediate_size=fields.integer(data, "hidden_dim", path),
+        num_layers=fields.integer(data, "n_layers", path),
         num_heads=heads,
-        num_kv_heads=data.get("n_kv_heads") or heads,
-        head_dim=int(data.get("head_dim") or dim // heads),
-        num_experts=_require(moe, "num_experts", path),
-        top_k=_require(moe, "num_experts_per_tok", path),
-        vocab_size=_require(data, "vocab_size", path),
-        rms_norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(data.get("rope_theta", 1e6)),
-        max_seq_len=_require(data, "max_seq_len", path) if "max_seq_len" in data
-        else MISTRAL_DEFAULT_CONTEXT,
+        num_kv_heads=fields.integer(data, "n_kv_heads", path, heads),
+        head_dim=fields.integer(data, "head_dim", path, dim // heads),
+        num_experts=fields.integer(moe, "num_experts", path, section="moe"),
+        top_k=fields.integer(moe, "num_experts_per_tok", path, section="moe"),
+        vocab_size=fields.integer(data, "vocab_size", path),
+        rms_norm_eps=fields.positive_number(data, "norm_eps", path, 1e-5, why=_EPS_WHY),
+        rope_theta=fields.positive_number(data, "rope_theta", path, 1e6, why=_THETA_WHY),
+        max_seq_len=context or MISTRAL_DEFAULT_CONTEXT,
         sliding_window=fields.sliding_window(data, path, ("sliding_window", "_sliding_window")),
         eos_token_ids=(),  # mistral-inference stops at the tokenizer's EOS
-        max_seq_len_source=f"max_seq_len in {path}" if "max_seq_len" in data else
+        max_seq_len_source=f"max_seq_len in {path}" if context else
         f"{path} gives no max_seq_len: Mixtral's {MISTRAL_DEFAULT_CONTEXT}",
     )

@@ -16,7 +16,65 @@ if TYPE_CHECKING:
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 POOLS = ("auto", "layer", "global")
-EXPERT_FORMATS = ("float", "int8", "int4")  # quant.formats.NAMES (that module imports torch)
+POOL_CHOICE = {"auto": None, "layer": True, "global": False}  # plan_memory's per_layer
+EXPERT_FORMATS = ("float", "int8", "int4", "fp8")  # fp8: an fp8 checkpoint's own experts only
+
+
+# Defaults of the expert-cache options; the fields default to None ("not given") so that a
+# value given with offload=False can be refused (it would configure a cache that is not built).
+DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL = "lru", 1, "auto"
+CACHE_OPTIONS = ("policy", "prefetch", "pool")
+_NO_FLAG = ("prefill_chunk", "drop_page_cache")  # API-only options
+_NOT_GIVEN = object()
+
+
+def option_name(name: str, value: object = _NOT_GIVEN) -> str:
+    """How every message names a runtime option, so that it reads for the command line and
+    the API alike: the flag, then the ``load()`` keyword in brackets.
+
+    ``option_name("cache_experts")`` -> ``--cache-experts (cache_experts=)``;
+    ``option_name("cache_experts", 3)`` -> ``--cache-experts 3 (cache_experts=3)``;
+    ``option_name("offload", False)`` -> ``--no-offload (offload=False)``; an option with no
+    flag by its keyword alone (``prefill_chunk=512``).
+    """
+    keyword = f"{name}=" if value is _NOT_GIVEN else f"{name}={value!r}"
+    if name in _NO_FLAG:
+        return keyword
+    flag = "--" + name.replace("_", "-")
+    if name == "offload" and isinstance(value, bool):
+        return f"{'--offload' if value else '--no-offload'} ({keyword})"
+    return f"{flag} ({keyword})" if value is _NOT_GIVEN else f"{flag} {value} ({keyword})"
+
+
+_SIZE = "a size such as '6GiB' or '512MB', a byte count, 'auto' or None"
+# option -> (accepted types, None allowed, what to give): checked before any value
+_TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
+    "device": ((str,), False, "a string: cpu, cuda or cuda:N"),
+    "dtype": ((str,), True, f"one of {sorted(DTYPES)} or None"),
+    "gpu_memory": ((str, int), True, _SIZE),
+    "cpu_memory": ((str, int), True, _SIZE),
+    "cache_experts": ((int,), True, "an int >= 1 or None"),
+    "policy": ((str,), True, "a policy name or 'pkg.module:Class'"),
+    "prefetch": ((int,), True, "an int >= 0 (layers ahead; 0 = off)"),
+    "pool": ((str,), True, f"one of {list(POOLS)}"),
+    "max_seq_len": ((int,), True, "an int >= 1 or None"),
+    "prefill_chunk": ((int,), False, "an int >= 1"),
+    "offload": ((bool,), True, "True, False or None"),
+    "drop_page_cache": ((bool,), False, "True or False"),
+    "experts": ((str,), True, f"one of {list(EXPERT_FORMATS)} or None"),
+    "group_size": ((int,), True, "an int >= 1 or None"),
+}
+
+
+def _check_type(name: str, value: object) -> None:
+    """OptionError naming ``name`` unless ``value`` has one of its types (a bool is not an
+    int here: ``prefetch=True`` is a mistake, not 1)."""
+    kinds, nullable, what = _TYPES[name]
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise OptionError(f"{option_name(name)} must be {what}, got {value!r} "
+                          f"({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -26,13 +84,20 @@ class RuntimeOptions:
     ``offload``: None = offload only when the experts do not fit the budget, True = always run
     through the expert cache, False = keep every expert resident.
 
+    ``policy``, ``prefetch``, ``pool`` configure the expert cache: None (not given) means
+    ``DEFAULT_POLICY`` ('lru'), ``DEFAULT_PREFETCH`` (1 layer ahead), ``DEFAULT_POOL``
+    ('auto'), and the constructed options hold those values; given with ``offload=False``
+    they are refused, as ``cache_experts`` is (so is ``dataclasses.replace(o, offload=False)``
+    of options that hold them: build new options instead).
+
     ``experts``: the experts' format, None = the folder's (float, or a quantized folder's
     records); ``int8``/``int4`` on a float folder quantize each expert as it is read
     (``offload_rt.quant.select``). ``group_size``: int4's group (default 64), with
     ``experts="int4"`` only.
 
-    Options that contradict each other raise ``OptionError`` naming both (``check_combination``);
-    a budget of 'auto' means exactly what leaving it out (None) means.
+    Every value is type-checked; a wrong type or value, and options that contradict each
+    other, raise ``OptionError`` naming each option as ``option_name`` spells it
+    (``_check_combination``); a budget of 'auto' means exactly what leaving it out (None) means.
     """
 
     device: str = "cpu"
@@ -40,9 +105,9 @@ class RuntimeOptions:
     gpu_memory: str | int | None = None
     cpu_memory: str | int | None = None
     cache_experts: int | None = None  # research knob: device slots per layer
-    policy: str = "lru"
-    prefetch: int = 1  # layers ahead; 0 = off
-    pool: str = "auto"  # "layer": a pool per layer; "global": one shared; "auto": layer if it fits
+    policy: str | None = None  # None: DEFAULT_POLICY
+    prefetch: int | None = None  # layers ahead; 0 = off; None: DEFAULT_PREFETCH
+    pool: str | None = None  # "layer": per layer; "global": one shared; "auto": layer if it fits
     max_seq_len: int | None = None  # None: min(model context, 4096)
     prefill_chunk: int = 512
     offload: bool | None = None
@@ -51,52 +116,64 @@ class RuntimeOptions:
     group_size: int | None = None  # int4 only; None: 64
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise OptionError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
-        if self.pool not in POOLS:
-            raise OptionError(f"--pool {self.pool!r}: choose one of {list(POOLS)}")
-        if self.prefetch < 0:
-            raise OptionError(f"--prefetch must be >= 0, got {self.prefetch}")
-        if self.cache_experts is not None and self.cache_experts < 1:
-            raise OptionError(f"--cache-experts must be >= 1, got {self.cache_experts}")
-        if self.max_seq_len is not None and self.max_seq_len < 1:
-            raise OptionError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
-        if self.prefill_chunk < 1:
-            raise OptionError(f"prefill_chunk must be >= 1, got {self.prefill_chunk}")
-        try:
-            policy_class(self.policy)
-        except ValueError as exc:
-            raise OptionError(f"--policy: {exc}") from exc
-        if self.policy == "opt":
-            raise OptionError("--policy opt (Belady) needs the future: it runs in the simulator "
-                              "(offload-rt simulate), not live")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise OptionError(f"--device {self.device!r}: choose cpu or cuda[:N]")
-        if self.experts is not None and self.experts not in EXPERT_FORMATS:
-            raise OptionError(f"--experts {self.experts!r}: choose one of "
-                              f"{', '.join(EXPERT_FORMATS)}")
-        if self.group_size is not None and self.group_size < 1:
-            raise OptionError(f"--group-size must be >= 1, got {self.group_size}")
-        self.check_combination()
+        for name in _TYPES:
+            _check_type(name, getattr(self, name))
+        self._check_combination()
+        for name, default in zip(CACHE_OPTIONS, (DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL),
+                                 strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        self._check_values()
 
-    def check_combination(self) -> None:
-        """``OptionError`` for options that would silently override or ignore each other."""
-        if self.cache_experts is not None and self.offload is False:
-            raise OptionError(
-                f"--cache-experts {self.cache_experts} and --no-offload contradict each other "
-                f"(cache_experts={self.cache_experts}, offload=False): --cache-experts sizes "
-                "the offloaded expert cache, --no-offload keeps every expert resident; "
-                "drop one")
+    def _check_values(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise OptionError(f"{option_name('dtype', self.dtype)}: choose one of "
+                              f"{sorted(DTYPES)}")
+        if self.pool not in POOLS:
+            raise OptionError(f"{option_name('pool', self.pool)}: choose one of {list(POOLS)}")
+        for name, minimum in (("prefetch", 0), ("cache_experts", 1), ("max_seq_len", 1),
+                              ("prefill_chunk", 1), ("group_size", 1)):
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise OptionError(f"{option_name(name)} must be >= {minimum}, got {value}")
+        self._check_policy()
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise OptionError(f"{option_name('device', self.device)}: choose cpu or cuda[:N]")
+        if self.experts is not None and self.experts not in EXPERT_FORMATS:
+            raise OptionError(f"{option_name('experts', self.experts)}: choose one of "
+                              f"{', '.join(EXPERT_FORMATS)}")
+
+    def _check_policy(self) -> None:
+        try:
+            policy_class(self.policy)  # type: ignore[arg-type]  # set by __post_init__
+        except ValueError as exc:
+            raise OptionError(f"{option_name('policy')}: {exc}") from exc
+        if self.policy == "opt":
+            raise OptionError(f"{option_name('policy', 'opt')}: Belady's MIN needs the future: "
+                              "it runs in the simulator (offload-rt simulate), not live")
+
+    def _check_combination(self) -> None:
+        """``OptionError`` for options that would silently override or ignore each other
+        (before the cache options' defaults are filled in: only given values count)."""
+        for name in ("cache_experts", *CACHE_OPTIONS):
+            value = getattr(self, name)
+            if value is not None and self.offload is False:
+                raise OptionError(
+                    f"{option_name(name, value)} and {option_name('offload', False)} "
+                    f"contradict each other: {option_name(name)} configures the offloaded "
+                    f"expert cache, {option_name('offload', False)} keeps every expert "
+                    "resident (there is no cache); drop one")
         if self.group_size is not None and self.experts != "int4":
             raise OptionError(
-                f"--group-size {self.group_size} applies to --experts int4 only (group_size="
-                f"{self.group_size}, experts={self.experts!r}): int8 has one scale per output "
-                "channel, float none; drop --group-size or add --experts int4")
+                f"{option_name('group_size', self.group_size)} applies to --experts int4 only "
+                f"(experts={self.experts!r}): int8 has one scale per output channel, float "
+                "none; drop --group-size or add --experts int4")
         if budget_given(self.gpu_memory) and self.device == "cpu":
             raise OptionError(
-                f"--gpu-memory {self.gpu_memory} has no effect with --device cpu "
-                f"(gpu_memory={self.gpu_memory!r}, device='cpu'): a CPU run has one budget, "
-                "--cpu-memory; drop --gpu-memory or use --device cuda")
+                f"{option_name('gpu_memory', self.gpu_memory)} has no effect on a CPU run: "
+                f"{option_name('device', 'cpu')} is the default, and a CPU run has one "
+                f"budget, {option_name('cpu_memory')}; drop --gpu-memory, or add "
+                f"{option_name('device', 'cuda')} to use a GPU")
 
     def torch_device(self) -> torch.device:
         import torch

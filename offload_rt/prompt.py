@@ -12,7 +12,7 @@ import logging
 import operator
 from collections.abc import Mapping, Sequence
 
-from offload_rt.chat_template import encode_chat
+from offload_rt.chat_template import encode_chat, read_messages
 from offload_rt.errors import OptionError
 from offload_rt.text_input import check_text
 from offload_rt.tokenizer import Tokenizer
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def encode_text(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """BOS + SentencePiece ids of ``prompt``; warns when it spells control pieces as text."""
+    """Ids of ``prompt`` as the tokenizer starts a raw text (``Tokenizer.encode``: BOS first
+    for Mixtral); warns when it spells control pieces as plain text."""
     text = check_text(prompt, "prompt")
     markers = tokenizer.spelled_markers(text)
     if markers:
@@ -33,13 +34,18 @@ def encode_text(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def encode_messages(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """The chat template's ids for ``messages``; each content is checked for valid Unicode."""
+    """The chat template's ids for ``messages``: the model's own template
+    (``tokenizer.chat_template``), else the built-in Mixtral-Instruct one. Each message is
+    checked first (a known role, content that is valid Unicode)."""
     if not isinstance(messages, (str, bytes)):
         for index, message in enumerate(messages):
             content = message.get("content") if isinstance(message, Mapping) else None
             if isinstance(content, str):
                 check_text(content, f"messages[{index}] content")
-    return encode_chat(tokenizer, messages)
+    if tokenizer.chat_template is None:
+        return encode_chat(tokenizer, messages)
+    read_messages(messages)
+    return tokenizer.chat_template.encode(tokenizer, messages)
 
 
 def check_ids(prompt: object, vocab_size: int) -> list[int]:

@@ -35,7 +35,7 @@ from offload_rt.runtime_plan import plan_runtime
 from offload_rt.sampling import SamplingConfig
 from offload_rt.stream_decoder import StreamDecoder
 from offload_rt.tensor_names import MISTRAL
-from offload_rt.tokenizer import Tokenizer
+from offload_rt.tokenizer import Tokenizer, has_tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Runtime:
         self.max_seq_len, self.max_seq_len_source = context.max_seq_len, context.source
         self.generation_defaults = read_generation_config(ckpt.model_dir)
         self.eos_token_ids = (self.generation_defaults.eos_token_ids or self.config.eos_token_ids
-                              or (tokenizer.eos_id if tokenizer else 2,))
+                              or _tokenizer_eos(tokenizer))
         self._busy = threading.Lock()
         self._cancel = threading.Event()
         self._closed = False
@@ -89,7 +89,7 @@ class Runtime:
                 raise
             raise out_of_memory_error(exc.with_traceback(None), stage, self.plan, self.config,
                                       device=self.device, dtype=self.dtype,
-                                      offloaded=self.offloaded) from exc
+                                      offloaded=self.offloaded, options=options) from exc
 
     # ---- set-up -----------------------------------------------------------------------------
     def _default_dtype(self) -> torch.dtype:
@@ -142,7 +142,8 @@ class Runtime:
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise OptionError(f"{self.checkpoint.model_dir}: no tokenizer.model; pass token ids")
+            raise OptionError(f"{self.checkpoint.model_dir}: no tokenizer (tokenizer.json or "
+                              "tokenizer.model); pass token ids")
         return self.tokenizer
 
     def _never_sampled(self) -> list[int]:
@@ -189,6 +190,7 @@ class Runtime:
                  seed: int | None, stop: Sequence[str] | None, ignore_eos: bool
                  ) -> tuple[list[int], GenerationConfig]:
         self._check_open()
+        _check_request_types(temperature, ignore_eos)
         ids = self.encode(prompt, messages=messages)
         d = self.generation_defaults
         sampling = SamplingConfig(*d.sampling(temperature, top_k, top_p), seed)
@@ -291,20 +293,41 @@ def load(model_dir: str | Path | None = None, *, progress: Progress | None = Non
     """
     if model_dir is None:
         model_dir, options = demo_model_dir(), demo_options(options)
-    ckpt = Checkpoint.open(model_dir)
-    tokenizer = _fitted_tokenizer(ckpt)
     known = RuntimeOptions.__dataclass_fields__
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-    return Runtime(ckpt, RuntimeOptions(**options), tokenizer, progress)
+    checked = RuntimeOptions(**options)  # before any file is opened
+    ckpt = Checkpoint.open(model_dir)
+    tokenizer = _fitted_tokenizer(ckpt)
+    return Runtime(ckpt, checked, tokenizer, progress)
+
+
+def _check_request_types(temperature: object, ignore_eos: object) -> None:
+    """The request values that are compared or tested before ``SamplingConfig`` checks them:
+    a temperature of another type (``"0.5"``) and a non-bool ``ignore_eos`` (``"no"`` is
+    truthy) are ``OptionError``s naming them."""
+    if temperature is not None and (isinstance(temperature, bool)
+                                    or not isinstance(temperature, (int, float))):
+        raise OptionError(f"temperature must be a number >= 0 (0 = greedy) or None, got "
+                          f"{temperature!r}")
+    if not isinstance(ignore_eos, bool):
+        raise OptionError(f"ignore_eos must be True or False, got {ignore_eos!r}")
 
 
 def _fitted_tokenizer(ckpt: Checkpoint) -> Tokenizer | None:
     """The folder's tokenizer checked against the model's vocabulary (``fit_to_model``), or
     None for a folder without one (prompts are then token ids)."""
-    if not any(ckpt.model_dir.glob("tokenizer.model*")):
+    if not has_tokenizer_file(ckpt.model_dir):
         return None
     config_file = ckpt.model_dir / ("params.json" if ckpt.layout == MISTRAL else "config.json")
     return Tokenizer.from_model_dir(ckpt.model_dir).fit_to_model(ckpt.config.vocab_size,
                                                                  config_file)
+
+
+def _tokenizer_eos(tokenizer: Tokenizer | None) -> tuple[int, ...]:
+    """The tokenizer's EOS id, for a model whose config files name none (params.json); 2
+    (Mixtral's) without a tokenizer; none when the tokenizer names none."""
+    if tokenizer is None:
+        return (2,)
+    return () if tokenizer.eos_id is None else (tokenizer.eos_id,)

@@ -10,7 +10,7 @@ from offload_rt.config import ModelConfig
 from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
 from offload_rt.engine.sizes import format_size, parse_size
 from offload_rt.errors import BudgetError, OptionError
-from offload_rt.options import RuntimeOptions
+from offload_rt.options import POOL_CHOICE, RuntimeOptions, option_name
 from offload_rt.quant.formats import ExpertFormat
 
 
@@ -20,30 +20,34 @@ def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device
     """Slots per tier for ``o`` (``BudgetError``/``OptionError`` naming the flags): slots of
     ``fmt``'s records (None: float experts in ``dtype``), read from ``file_dtype``."""
     if o.cache_experts is not None and not cfg.top_k <= o.cache_experts <= cfg.num_experts:
-        raise OptionError(f"--cache-experts must be between top_k ({cfg.top_k}) and the "
-                          f"number of experts ({cfg.num_experts}), got {o.cache_experts}")
+        raise OptionError(f"{option_name('cache_experts')} must be between top_k ({cfg.top_k}) "
+                          f"and the number of experts ({cfg.num_experts}), got "
+                          f"{o.cache_experts}")
     fp = footprint(cfg, dtype, max_seq_len, o.prefill_chunk, device_type=device.type,
                    file_dtype=file_dtype, fmt=fmt)
-    gpu = parse_size(o.gpu_memory, "--gpu-memory")
-    cpu = parse_size(o.cpu_memory, "--cpu-memory")
+    gpu = parse_size(o.gpu_memory, option_name("gpu_memory"))
+    cpu = parse_size(o.cpu_memory, option_name("cpu_memory"))
     on_gpu = device.type == "cuda"
     plan = plan_memory(cfg, fp, device, device_budget=gpu if on_gpu else cpu,
                        host_budget=cpu if on_gpu else None, cache_experts=o.cache_experts,
-                       per_layer={"layer": True, "global": False}.get(o.pool))
+                       per_layer=POOL_CHOICE[o.pool])  # type: ignore[index]
     if o.offload is False and (gpu if on_gpu else cpu) is not None:
-        _check_resident_fits(cfg, plan, "--gpu-memory" if on_gpu else "--cpu-memory")
+        _check_resident_fits(cfg, plan, "gpu_memory" if on_gpu else "cpu_memory")
     return plan
 
 
-def _check_resident_fits(cfg: ModelConfig, plan: MemoryPlan, budget_flag: str) -> None:
-    """``--no-offload`` with a sized budget: every expert must fit it, or the budget would be
-    silently exceeded (an 'auto' budget is not checked: resident is what was asked)."""
+def _check_resident_fits(cfg: ModelConfig, plan: MemoryPlan, budget: str) -> None:
+    """``--no-offload`` with a sized budget (option ``budget``): every expert must fit it, or
+    the budget would be silently exceeded (an 'auto' budget is not checked: resident is what
+    was asked)."""
     total = cfg.num_layers * cfg.num_experts
     if plan.device_slots >= total:
         return
     fp = plan.footprint
     need = fp.fixed + total * fp.slot
-    raise BudgetError(f"--no-offload keeps all {total} experts resident: with the trunk, "
+    no_offload = option_name("offload", False)
+    raise BudgetError(f"{no_offload} keeps all {total} experts resident: with the trunk, "
                       f"KV cache and work buffers that needs {format_size(need)} ({need} "
-                      f"bytes), more than {budget_flag} {format_size(plan.device_budget or 0)};"
-                      f" raise {budget_flag} or drop --no-offload to offload within it")
+                      f"bytes), more than {option_name(budget)} "
+                      f"{format_size(plan.device_budget or 0)}; raise --{budget.replace('_', '-')}"
+                      f" or drop --no-offload to offload within it")

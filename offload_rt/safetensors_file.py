@@ -25,6 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,  # fp8 checkpoints' weights (quant.fp8_tensors)
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 
@@ -63,7 +64,8 @@ def _parse_entry(file: WeightFile, name: str, entry: object, data_start: int,
     if dtype is None:
         quantized = str(entry["dtype"]).startswith(("F8", "F6", "F4"))  # fp8/fp6/fp4 formats
         hint = (": a quantized checkpoint, which is not supported; offload_rt reads "
-                "float32/bfloat16/float16 safetensors") if quantized else ""
+                "float32/bfloat16/float16 safetensors, and F8_E4M3 weights of fp8 "
+                "checkpoints") if quantized else ""
         raise _bad(path, f"tensor '{name}' has unsupported dtype {entry['dtype']!r}{hint}")
     shape, offsets = entry["shape"], entry["data_offsets"]
     if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)

@@ -1,16 +1,22 @@
 """Incremental detokenization: turn generated ids into text as soon as the text is certain.
 
-Decoding ids one at a time is wrong for SentencePiece in two ways:
-- byte fallback spells a character the vocabulary lacks as one `<0xNN>` piece per UTF-8 byte,
-  so "€" arrives as `<0xE2> <0x82> <0xAC>` and a lone `<0xE2>` decodes to U+FFFD;
-- the decoder drops the leading space of the first piece only ("▁Hello" is "Hello" at the
-  start, " Hello" later).
+Decoding ids one at a time is wrong in three ways:
+- SentencePiece byte fallback spells a character the vocabulary lacks as one `<0xNN>` piece per
+  UTF-8 byte, so "€" arrives as `<0xE2> <0x82> <0xAC>` and a lone `<0xE2>` decodes to U+FFFD;
+- byte-level BPE (tokenizer.json of GPT-2, Qwen, OLMoE) tokens stand for bytes, and one
+  character's bytes may be split across tokens ("東" = E6 9D B1 as `[E6 9D] [B1 ...]`);
+- the SentencePiece decoder drops the leading space of the first piece only ("▁Hello" is
+  "Hello" at the start, " Hello" later).
 
 So we decode a short window of recent ids with the real decoder and emit what the window adds
 beyond its already-emitted prefix. The window starts at the last id that produced text: that
 keeps each decode short (O(1) amortized per token) while the first-piece space rule hits a
-piece whose text was already emitted. Text is held back only while the trailing byte pieces
-are the start of a UTF-8 character that more bytes could still complete.
+piece whose text was already emitted. Text is held back only while the bytes that the trailing
+ids stand for (`Tokenizer.token_bytes`) end with the start of a UTF-8 character that more
+bytes could still complete, or, for a decoder that decodes a run of byte pieces only as a
+whole (`Tokenizer.decodes_byte_runs_whole`: tokenizers' ByteFallback), until the run ends. A
+piece decoded as text ends such a run of bytes, as does a SentencePiece control piece; ids that `decode` drops before decoding (`Tokenizer.is_skipped`:
+padding ids, a tokenizer.json's special tokens) are not part of the window at all.
 
 Invariant: `"".join(d.push(t) for t in ids) + d.flush() == tokenizer.decode(ids)`.
 """
@@ -42,14 +48,16 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it makes certain (often "", never a partial character)."""
-        byte = self._tokenizer.byte_value(token_id)  # also rejects ids outside the vocabulary
+        if self._tokenizer.is_skipped(token_id):  # also rejects ids outside the vocabulary
+            return ""
+        data = self._tokenizer.token_bytes(token_id)
         is_control = self._tokenizer.is_control(token_id)
         self._ids.append(token_id)
         if not is_control:
             self._last_text_index = len(self._ids) - 1
-        if byte is not None:
-            self._tail_bytes = [*self._tail_bytes[-2:], byte]
-            if _is_incomplete_utf8(self._tail_bytes):
+        if data is not None:
+            self._tail_bytes = [*self._tail_bytes, *data][-3:]
+            if self._tokenizer.decodes_byte_runs_whole or _is_incomplete_utf8(self._tail_bytes):
                 return ""
         else:
             had_bytes = bool(self._tail_bytes)
@@ -83,7 +91,7 @@ class StreamDecoder:
     def _reset(self) -> None:
         # _ids is the decode window; _emitted_len is how much of its decoded text is out.
         self._ids: list[int] = []
-        self._tail_bytes: list[int] = []  # last (up to 3) bytes of a trailing byte-piece run
+        self._tail_bytes: list[int] = []  # last (up to 3) bytes of a trailing byte run
         self._last_text_index: int | None = None  # in _ids, of the last non-control id
         self._emitted_len = 0
         if not self._skip_leading_space:

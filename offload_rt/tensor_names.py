@@ -1,60 +1,67 @@
-"""Canonical tensor names and their spelling in each supported checkpoint layout.
+"""Canonical tensor names, their shapes, and their spelling in each family's files.
 
-Canonical names are the runtime's own; each layout maps them to file names. Experts are
-addressed separately (``expert_name``) because the engine reads them one at a time.
+Canonical names are the runtime's own (``embed``, ``layers.3.wq``, ``layers.3.q_norm``...);
+each family (``offload_rt.families``) maps them to file names per layout (``TensorNames``).
+Experts are addressed separately (``expert_name``) because the engine reads them one at a time.
+Which optional trunk parts a model has follows from its config (``trunk_shapes``).
 """
 
 from __future__ import annotations
 
+from offload_rt import families
 from offload_rt.config import ModelConfig
+from offload_rt.families.base import EXPERT_MATRICES, HF, MISTRAL, TensorNames
 
-HF, MISTRAL = "hf", "mistral"
-EXPERT_MATRICES = ("w1", "w3", "w2")  # packing order in an expert buffer: gate, up, down
+__all__ = ["EXPERT_MATRICES", "HF", "IGNORED_SUFFIXES", "MISTRAL", "expert_name", "expert_shapes",
+           "file_name", "names_of", "record_name", "trunk_shapes"]
 
-_GLOBAL = {
-    HF: {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
-         "lm_head": "lm_head.weight"},
-    MISTRAL: {"embed": "tok_embeddings.weight", "norm": "norm.weight", "lm_head": "output.weight"},
-}
-_LAYER = {
-    HF: {"attn_norm": "model.layers.{i}.input_layernorm.weight",
-         "wq": "model.layers.{i}.self_attn.q_proj.weight",
-         "wk": "model.layers.{i}.self_attn.k_proj.weight",
-         "wv": "model.layers.{i}.self_attn.v_proj.weight",
-         "wo": "model.layers.{i}.self_attn.o_proj.weight",
-         "ffn_norm": "model.layers.{i}.post_attention_layernorm.weight",
-         "router": "model.layers.{i}.block_sparse_moe.gate.weight"},
-    MISTRAL: {"attn_norm": "layers.{i}.attention_norm.weight",
-              "wq": "layers.{i}.attention.wq.weight",
-              "wk": "layers.{i}.attention.wk.weight",
-              "wv": "layers.{i}.attention.wv.weight",
-              "wo": "layers.{i}.attention.wo.weight",
-              "ffn_norm": "layers.{i}.ffn_norm.weight",
-              "router": "layers.{i}.feed_forward.gate.weight"},
-}
-_EXPERT = {
-    HF: "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight",
-    MISTRAL: "layers.{i}.feed_forward.experts.{e}.{w}.weight",
-}
-# A quantized folder (docs/quantized_format.md, HF layout only) stores each expert as one
-# uint8 record instead of its three matrices.
-_RECORD = "model.layers.{i}.block_sparse_moe.experts.{e}.record"
 # Buffers some exporters add that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical part -> shape of one layer's resident tensors: attention, norms, router and
+    the optional parts the config names (q/k/v biases, q/k norms, a shared expert)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
+        "ffn_norm": (h,), "router": (cfg.num_experts, h)}
+    if cfg.qkv_bias:
+        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.qk_norm == "head":
+        shapes.update(q_norm=(d,), k_norm=(d,))
+    elif cfg.qk_norm == "projection":
+        shapes.update(q_norm=(q,), k_norm=(kv,))
+    if cfg.shared_expert_size:
+        s = cfg.shared_expert_size
+        shapes.update(shared_w1=(s, h), shared_w3=(s, h), shared_w2=(h, s), shared_gate=(1, h))
+    return shapes
+
+
 def trunk_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical name -> expected shape of every resident (non-expert) tensor."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    """Canonical name -> expected shape of every resident (non-expert) tensor; a shared
+    expert is resident, so it is here."""
+    h = cfg.hidden_size
     shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, h), "norm": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, h)
-    per_layer = {"attn_norm": (h,), "wq": (q, h), "wk": (kv, h), "wv": (kv, h), "wo": (h, q),
-                 "ffn_norm": (h,), "router": (cfg.num_experts, h)}
+    per_layer = _layer_shapes(cfg)
     for i in range(cfg.num_layers):
         for part, shape in per_layer.items():
             shapes[f"layers.{i}.{part}"] = shape
     return shapes
+
+
+def trunk_numel(cfg: ModelConfig) -> int:
+    """Elements of the resident trunk (``trunk_shapes``), for budgets."""
+    total = 0
+    for shape in trunk_shapes(cfg).values():
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
+    return total
 
 
 def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -63,19 +70,23 @@ def expert_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {"w1": (f, h), "w3": (f, h), "w2": (h, f)}
 
 
-def file_name(layout: str, canonical: str) -> str:
-    """The name a canonical trunk tensor has in ``layout``'s files."""
-    if canonical.startswith("layers."):
-        _, index, part = canonical.split(".", 2)
-        return _LAYER[layout][part].format(i=index)
-    return _GLOBAL[layout][canonical]
+def names_of(layout: str, family: str = "mixtral") -> TensorNames:
+    """``family``'s tensor names in ``layout`` (HF or MISTRAL); KeyError for a layout the
+    family has no files in."""
+    return families.get(family).names[layout]
 
 
-def expert_name(layout: str, layer: int, expert: int, matrix: str) -> str:
+def file_name(layout: str, canonical: str, family: str = "mixtral") -> str:
+    """The name a canonical trunk tensor has in ``family``'s files of ``layout``."""
+    return names_of(layout, family).file_name(canonical)
+
+
+def expert_name(layout: str, layer: int, expert: int, matrix: str,
+                family: str = "mixtral") -> str:
     """The file name of matrix ``w1|w2|w3`` of one expert in ``layout``."""
-    return _EXPERT[layout].format(i=layer, e=expert, w=matrix)
+    return names_of(layout, family).expert_name(layer, expert, matrix)
 
 
-def record_name(layer: int, expert: int) -> str:
+def record_name(layer: int, expert: int, family: str = "mixtral") -> str:
     """The file name of one expert's record in a quantized (HF layout) folder."""
-    return _RECORD.format(i=layer, e=expert)
+    return names_of(HF, family).record_name(layer, expert)

@@ -157,11 +157,15 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
                   "experts": rt.expert_format.spec(), **dict(metadata or {})})
 
 
-def measured_stats(stats: EngineStats) -> dict[str, Any]:
-    """The device tier's hits and misses, total and per layer, as a trace header keeps them."""
+def measured_stats(stats: EngineStats, num_layers: int | None = None) -> dict[str, Any]:
+    """The device tier's hits and misses, total and per layer, as a trace header keeps them:
+    every layer ``0 .. num_layers - 1`` (when given), 0 where the run counted none, so a layer
+    with no hits is listed and not mistaken for a layer the run never reached."""
+    layers = sorted(set(stats.layer_hits) | set(stats.layer_misses) |
+                    set(range(num_layers or 0)))
     return {"hits": stats.hits, "misses": stats.misses,
-            "layer_hits": {str(k): v for k, v in sorted(stats.layer_hits.items())},
-            "layer_misses": {str(k): v for k, v in sorted(stats.layer_misses.items())}}
+            "layer_hits": {str(k): stats.layer_hits.get(k, 0) for k in layers},
+            "layer_misses": {str(k): stats.layer_misses.get(k, 0) for k in layers}}
 
 
 def record_trace(rt: Any, path: str | Path | None, prompts: Sequence[str | Sequence[int]],
@@ -192,7 +196,8 @@ def record_trace(rt: Any, path: str | Path | None, prompts: Sequence[str | Seque
                                           new_tokens=len(out.token_ids),
                                           finish_reason=out.finish_reason)
             if offloaded:  # what the runtime measured, to check a replay against
-                recorder.sequences[-1]["measured"] = measured_stats(inner.stats)
+                recorder.sequences[-1]["measured"] = measured_stats(inner.stats,
+                                                                     rt.config.num_layers)
     finally:
         rt.model.attach(inner, rt.max_seq_len)
     trace = recorder.trace()

@@ -294,12 +294,14 @@ def write_legacy_rope_config(model_dir: Path) -> None:
 # --- the oracle ----------------------------------------------------------------------------------
 
 
-def load_reference_model(model_dir: Path) -> transformers.MixtralForCausalLM:
+def load_reference_model(model_dir: Path) -> transformers.PreTrainedModel:
     """HF folder -> fp32 eval model; bf16/fp16 weights are upcast, so the math runs in fp32.
 
     transformers 5.x loads in the checkpoint's dtype unless told otherwise, hence dtype=float32.
+    The class is config.json's (``MixtralForCausalLM`` for Mixtral; ``FamilySpec`` folders
+    load as their own family's class).
     """
-    model = transformers.MixtralForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()
@@ -455,4 +457,101 @@ def make_quantized_checkpoint(out_dir: Path, spec: TinySpec, experts: str = "int
     config["quantization_config"] = {"quant_method": "offload_rt", "format_version": 1,
                                      "experts": fmt.spec(), "record_bytes": fmt.nbytes}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+# --- other families (offload_rt.families), written by transformers' own classes ----------------
+
+FAMILY_CLASSES = {  # model_type -> (config class, model class)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A tiny checkpoint of a family other than Mixtral. ``intermediate_size`` is the routed
+    experts' (Qwen's ``moe_intermediate_size``; Qwen's dense ``intermediate_size`` is set to a
+    different, unused width so a loader that reads the wrong field fails on shapes). Fields a
+    family does not have are ignored for it: ``shared_expert_size``/``qkv_bias`` (qwen2_moe),
+    ``head_dim``/``sliding_window`` (qwen3_moe: ``use_sliding_window`` with that window),
+    ``clip_qkv`` (olmoe)."""
+
+    family: str
+    num_layers: int = 2
+    hidden_size: int = 32
+    intermediate_size: int = 24
+    shared_expert_size: int = 40
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
+    num_experts: int = 8
+    top_k: int = 2
+    norm_topk_prob: bool = False
+    qkv_bias: bool = True
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    vocab_size: int = 128
+    rope_theta: float = 1e4
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 256
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILY_CLASSES:
+            raise ValueError(f"family must be one of {sorted(FAMILY_CLASSES)}")
+        if self.dtype not in _DTYPES or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError("bad dtype, or not 1 <= top_k <= num_experts")
+
+
+def _family_fields(spec: FamilySpec) -> dict[str, object]:
+    """The config class's own arguments for ``spec``'s family."""
+    if spec.family == "qwen2_moe":
+        return {"moe_intermediate_size": spec.intermediate_size,
+                "intermediate_size": 2 * spec.intermediate_size + 2,
+                "shared_expert_intermediate_size": spec.shared_expert_size,
+                "num_experts": spec.num_experts, "qkv_bias": spec.qkv_bias}
+    if spec.family == "qwen3_moe":
+        window = {"use_sliding_window": spec.sliding_window is not None,
+                  "sliding_window": spec.sliding_window}
+        head = {} if spec.head_dim is None else {"head_dim": spec.head_dim}
+        return {"moe_intermediate_size": spec.intermediate_size,
+                "intermediate_size": 2 * spec.intermediate_size + 2,
+                "num_experts": spec.num_experts, **window, **head}
+    return {"intermediate_size": spec.intermediate_size, "num_experts": spec.num_experts,
+            "clip_qkv": spec.clip_qkv}
+
+
+def family_config(spec: FamilySpec) -> transformers.PreTrainedConfig:
+    config_class = getattr(transformers, FAMILY_CLASSES[spec.family][0])
+    return config_class(
+        vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads, num_experts_per_tok=spec.top_k,
+        norm_topk_prob=spec.norm_topk_prob, max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps, eos_token_id=None, pad_token_id=None,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        **_family_fields(spec))
+
+
+def build_family_model(spec: FamilySpec) -> transformers.PreTrainedModel:
+    """The fp32 model, weights re-drawn as ``_randomize`` does; biases ~ N(0, 0.5^2)."""
+    with torch.random.fork_rng(devices=[]):
+        model = getattr(transformers, FAMILY_CLASSES[spec.family][1])(family_config(spec))
+    _randomize(model, spec.seed)
+    gen = torch.Generator().manual_seed(spec.seed + 7919)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def make_family_checkpoint(out_dir: Path, spec: FamilySpec) -> Path:
+    """Write ``spec`` with transformers' save_pretrained (per-expert tensor names, as the
+    families' released checkpoints have them)."""
+    out_dir = Path(out_dir)
+    build_family_model(spec).to(spec.dtype).save_pretrained(out_dir)
     return out_dir

@@ -130,3 +130,117 @@ def test_ab_bench_compares_two_trees(tiny_bench: tuple[dict, dict]) -> None:
         assert mode["same_tokens"] is True
         assert mode["decode_after_over_before"] > 0 and mode["ttft_after_over_before"] > 0
         assert set(mode["runs"]) == {"before", "after"}
+
+
+# ---- quantized experts: kernels, quality, formats in the decode benchmark ---------------------
+
+CLI = "import sys; from offload_rt.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_linear_bench_times_the_quantized_kernels() -> None:
+    from offload_rt.quant import kernels
+
+    many = max(kernels.INT8_DEQUANT_MIN_ROWS, kernels.INT4_DEQUANT_MIN_ROWS)  # both dequantize
+    doc = _run(str(BENCH / "linear_bench.py"), "--sections", "quantized", "--hidden", "64",
+               "--inter", "128", "--quant-rows", f"1,{many}", "--repeats", "2", "--target-ms",
+               "1", "--group-size", "32", "--threads", "1")
+    q = doc["quantized"]
+    assert set(doc) >= {"quantized", "cpu_capability"} and "one_row" not in doc
+    assert {(r["matrix"], r["rows"]) for r in q["records"]} == {
+        (m, n) for m in ("w1;w3", "w2") for n in (1, many)}
+    for r in q["records"]:
+        assert {"bf16", "int8_kernel", "int8_dequant", "int4_kernel"} <= set(r["us"])
+        assert all(v > 0 for v in r["us"].values()) and set(r["us_min"]) == set(r["us"])
+        assert all(r["us_min"][k] <= v for k, v in r["us"].items())
+        # the rule's choice at each row count is reported (1 row: the kernels)
+        assert (r["int8_rule"], r["int4_rule"]) == (("kernel", "kernel") if r["rows"] == 1
+                                                    else ("dequant", "dequant"))
+    assert set(q["crossover"]) == set(q["crossover_min"]) == {"int8", "int4"}
+    assert q["int4_layout"] and doc["threads"] == 1
+    assert q["rule"]["int8_dequant_min_rows"] > 1
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tiny_bench: tuple[dict, dict]) -> dict[str, Path]:
+    """The tiny model and folders ``offload-rt quantize`` wrote from it."""
+    model = Path(tiny_bench[1]["model_dir"])
+    folders = {"bf16": model}
+    for fmt in ("int8", "int4"):
+        out = model.parent / f"tiny-{fmt}"
+        subprocess.run([sys.executable, "-c", CLI, "quantize", str(model), str(out),
+                        "--experts", fmt, *(["--group-size", "32"] if fmt == "int4" else []),
+                        "--force"], check=True, capture_output=True, timeout=300)
+        folders[fmt] = out
+    return folders
+
+
+def test_decode_bench_runs_expert_formats(tiny_quantized: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    modes = "ort_resident,ort_25_cold,ort_int4_resident,ort_int4_25_cold,ort_int8load_25_cold," \
+            "ort_int8_resident"
+    out = tmp_path / "formats.json"
+    doc = _run(str(BENCH / "decode_bench.py"), str(tiny_quantized["bf16"]), "--modes", modes,
+               "--int8-dir", str(tiny_quantized["int8"]), "--int4-dir",
+               str(tiny_quantized["int4"]), "--prompt-tokens", "6", "--new-tokens", "4",
+               "--repeats", "1", "--idle-max-wait", "0", "--limit-samples", "2", "--threads",
+               "1", "--out", str(out))
+    assert set(doc["runs"]) == set(modes.split(",")) and doc["threads"] == 1
+    assert all(r[0]["torch_threads"] == 1 for r in doc["runs"].values())
+    assert all(p["torch_threads"] == 1 for p in doc["physical"]["formats"].values())
+    formats = {m: r[0]["expert_format"]["format"] for m, r in doc["runs"].items()}
+    assert formats["ort_int4_25_cold"] == "int4" and formats["ort_int8load_25_cold"] == "int8"
+    assert formats["ort_resident"] == "float"
+    phys = doc["physical"]["formats"]
+    assert set(phys) == {"bf16", "int4", "int8load", "int8"}
+    assert phys["int4"]["record_bytes"] < phys["bf16"]["record_bytes"]
+    assert phys["int8load"]["encode_s"] > 0 and phys["int4"]["encode_s"] is None
+    # records read from disk: a quantized folder's loads are records, at load float matrices
+    cold4, load8 = doc["runs"]["ort_int4_25_cold"][0], doc["runs"]["ort_int8load_25_cold"][0]
+    assert cold4["engine_stats"]["bytes_from_disk"] % phys["int4"]["expert_bytes"] == 0
+    assert load8["engine_stats"]["bytes_from_disk"] % phys["bf16"]["expert_bytes"] == 0
+    limits = doc["summary"]["limits"]
+    for mode, fmt in (("ort_25_cold", "bf16"), ("ort_int4_25_cold", "int4"),
+                      ("ort_int8load_25_cold", "int8load")):
+        assert limits[mode]["format"] == fmt and limits[mode]["achieved_over_limit"] > 0
+    assert limits["ort_int8load_25_cold"]["cpu_per_load_s"] > 0
+    assert {"int4_25_cold_vs_bf16", "int4_resident_vs_bf16", "int8load_25_cold_vs_bf16"} <= \
+        set(doc["summary"]["comparisons"])
+    table = subprocess.run([sys.executable, str(BENCH / "decode_bench.py"), "--table", str(out)],
+                           check=True, capture_output=True, text=True).stdout
+    assert "| ort_int4_25_cold | int4 |" in table and "int4_25_cold_vs_bf16" in table
+
+
+def test_quant_quality_reports_every_format(tiny_quantized: dict[str, Path],
+                                            tmp_path: Path) -> None:
+    """The demo model on a made-up validation file (two 256-token windows) and the tiny random
+    model, every format, with the folder check."""
+    readme = (BENCH.parent / "README.md").read_text(encoding="utf-8")
+    docs = [{"kind": "plain", "text": part} for part in readme.split("\n\n")[:40]]
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join(json.dumps(d) for d in docs), encoding="utf-8")
+    out = tmp_path / "quality.json"
+    doc = _run(str(BENCH / "quant_quality.py"), "--val", str(val), "--small",
+               str(tiny_quantized["bf16"]), "--prompts", "2", "--new-tokens", "4",
+               "--check-folders", "--scratch", str(tmp_path / "folders"), "--threads", "1",
+               "--out", str(out))
+    formats = {"bf16", "int8", "int4 g32", "int4 g64", "int4 g128"}
+    demo, small = doc["demo"], doc["small"]
+    assert demo["windows"] >= 2 and demo["float32_compute_perplexity"] > 1
+    assert set(demo["formats"]) == formats
+    # the tiny model's hidden size (64) is not a multiple of 128: that group size is skipped
+    assert set(small["formats"]) == formats - {"int4 g128"} and "int4 g128" in small["skipped"]
+    for part in (demo, small):
+        ref = part["formats"]["bf16"]
+        assert ref["kl"] == 0 and ref["top1_agreement"] == 1 and ref["max_abs_logit_error"] == 0
+        assert ref["greedy"]["same_tokens"] == 1
+        for name in set(part["formats"]) - {"bf16"}:
+            row = part["formats"][name]
+            assert row["expert_bytes"] < ref["expert_bytes"] and row["kl"] > 0
+            assert row["perplexity"] > 0 and 0 <= row["greedy"]["same_tokens"] <= 1
+    assert all(c["identical_logits"] and c["identical_tokens"] for c in demo["folders"].values())
+    assert set(demo["folders"]) == formats - {"bf16"}
+    assert set(small["folders"]) == {"int8", "int4 g64"}
+    assert "fp8" in doc["not_measured"]
+    table = subprocess.run([sys.executable, str(BENCH / "quant_quality.py"), "--table", str(out)],
+                           check=True, capture_output=True, text=True).stdout
+    assert "| int4 g128 |" in table and "| fp8 |" in table

@@ -321,7 +321,7 @@ def test_params_json_field_missing(mistral_dir: Path) -> None:
 
 
 def test_unknown_dtype_option(tiny_hf_checkpoint: Path) -> None:
-    with pytest.raises(OptionError, match=re.escape("--dtype 'float8'")):
+    with pytest.raises(OptionError, match=re.escape("--dtype float8 (dtype='float8')")):
         offload_rt.load(tiny_hf_checkpoint, dtype="float8")
 
 

@@ -97,13 +97,13 @@ def test_text_flags_must_be_utf8(capsys: pytest.CaptureFixture[str], no_load: No
 def test_text_prompts_need_a_tokenizer(capsys: pytest.CaptureFixture[str], no_load: None,
                                        no_tokenizer: Path) -> None:
     err = refused(capsys, "generate", no_tokenizer, "--prompt", "hi")
-    assert (f"{no_tokenizer} has no tokenizer (tokenizer.model), so --prompt text cannot be "
-            "encoded; give the prompt as token ids with --prompt-ids 1,2,3") in err
+    assert (f"{no_tokenizer} has no tokenizer (tokenizer.json or tokenizer.model), so --prompt "
+            "text cannot be encoded; give the prompt as token ids with --prompt-ids 1,2,3") in err
     err = refused(capsys, "trace", no_tokenizer, "--prompt", "hi", "-o", "t.jsonl")
     assert "--prompt-ids 1,2,3" in err
     err = refused(capsys, "chat", no_tokenizer)
-    assert (f"{no_tokenizer} has no tokenizer (tokenizer.model), so the lines of a chat cannot "
-            "be encoded; offload-rt generate --prompt-ids 1,2,3") in err
+    assert (f"{no_tokenizer} has no tokenizer (tokenizer.json or tokenizer.model), so the lines "
+            "of a chat cannot be encoded; offload-rt generate --prompt-ids 1,2,3") in err
 
 
 def test_sampling_the_file_refuses_names_who_chose_to_sample(

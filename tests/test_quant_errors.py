@@ -159,10 +159,11 @@ def test_a_quantized_folder_runs_as_its_own_format_only(folders: Callable[[str],
 
 
 @pytest.mark.parametrize(("options", "words"), [
-    ({"experts": "int3"}, ["--experts 'int3'", "float, int8, int4"]),
-    ({"group_size": 64}, ["--group-size 64 applies to --experts int4 only"]),
+    ({"experts": "int3"}, ["--experts int3 (experts='int3')", "float, int8, int4"]),
+    ({"experts": "fp8"}, ["--experts fp8", "has no fp8 experts", "use --experts int8 or int4"]),
+    ({"group_size": 64}, ["--group-size 64 (group_size=64) applies to --experts int4 only"]),
     ({"experts": "int8", "group_size": 64}, ["--group-size 64", "experts='int8'"]),
-    ({"experts": "int4", "group_size": 0}, ["--group-size must be >= 1"]),
+    ({"experts": "int4", "group_size": 0}, ["--group-size (group_size=) must be >= 1"]),
     ({"experts": "int4", "group_size": 48}, ["--group-size 48", "32, 64, 128, 256"]),
     ({"experts": "int4", "group_size": 64}, ["--group-size 64 does not divide",
                                              "intermediate_size 96"]),
@@ -186,7 +187,7 @@ def test_int4_at_load_on_a_gpu_is_refused_by_flag(folders: Callable[[str], Path]
 
 @pytest.mark.parametrize(("name", "argv", "words"), [
     ("float", ["--experts", "int4", "--group-size", "48"], ["--group-size 48"]),
-    ("float", ["--experts", "int8", "--group-size", "32"], ["--group-size 32 applies"]),
+    ("float", ["--experts", "int8", "--group-size", "32"], ["--group-size 32 (group_size=32) applies"]),
     ("int8", ["--experts", "float"], ["--experts float", "holds int8 expert records"]),
     ("int4", ["--experts", "int8"], ["--experts int8", "holds int4 expert records"]),
 ])

@@ -139,7 +139,8 @@ def test_compare_rows_and_outputs() -> None:
         assert r.hits + r.misses == r.accesses and sum(r.layer_hits.values()) == r.hits
         assert r.bytes_per_token == r.misses * 1000 / 50 and r.tokens == 50
     table = format_table(rows, per_layer=True)
-    assert table.splitlines()[0].split()[:4] == ["trace", "pool", "capacity", "policy"]
+    # The size column says slots for either layout ("2 per layer", "24 total"): issue 17.
+    assert table.splitlines()[0].split()[:4] == ["trace", "pool", "slots", "policy"]
     assert "L1:" in table and table.count("syn ") == 6
     data = json.loads(rows_json(rows))["rows"]
     assert data[1]["policy"] == "opt" and data[1]["of_opt"] == 1.0
@@ -221,7 +222,7 @@ SYNTHETIC = ["--synthetic", "--layers", "2", "--experts", "4", "--tokens", "40"]
 def test_cli_prints_a_table_and_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert run_cli([*SYNTHETIC, "--policies", "lru,opt", "--capacity", "2,3"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["trace", "pool", "capacity", "policy"] and len(lines) == 5
+    assert lines[0].split()[:4] == ["trace", "pool", "slots", "policy"] and len(lines) == 5
     saved = tmp_path / "syn.jsonl.gz"
     assert run_cli([*SYNTHETIC, "--json", "--save-trace", str(saved)]) == 0
     rows = json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]

@@ -17,7 +17,9 @@ from offload_rt.direct_io import ALIGN
 from offload_rt.engine.sizes import format_size
 from offload_rt.engine.work_memory import onednn_shapes, work_bytes
 from offload_rt.errors import BudgetError
+from offload_rt.options import option_name
 from offload_rt.quant.formats import ExpertFormat
+from offload_rt.tensor_names import trunk_numel
 
 AUTO_RAM_FRACTION = 0.85  # of available RAM when a budget is 'auto'
 AUTO_GPU_MARGIN = 512 * 2**20  # left free on the GPU for the CUDA context and allocator slack
@@ -77,10 +79,8 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int
     full window, one layer's [W + chunk] keys and values), so a long context costs no more.
     """
     item = torch.empty((), dtype=dtype).element_size()
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    per_layer = 2 * h + (q + 2 * kv) * h + q * h + cfg.num_experts * h
-    trunk = item * (cfg.num_layers * per_layer + h + cfg.vocab_size * h *
-                    (1 if cfg.tie_word_embeddings else 2))
+    kv = cfg.num_kv_heads * cfg.head_dim
+    trunk = item * trunk_numel(cfg)  # every resident tensor, a shared expert's too
     held = cfg.kv_positions(max_seq_len)
     kv_cache = item * 2 * cfg.num_layers * held * kv
     rolling = cfg.sliding_window if held < max_seq_len else None
@@ -119,17 +119,20 @@ def _shrink_hint(fp: Footprint, slots: int, per_layer: bool) -> str:
              "GEMM kernels": fp.kernels, "expert slots": slots * fp.slot}
     largest = max(parts, key=lambda k: parts[k])
     advice = {
-        "trunk": "a 16-bit --dtype halves it if it runs in float32",
-        "KV cache": ("lower --max-seq-len (it grows with the positions it holds)"
-                     if fp.kv_window is None else
-                     f"lower --max-seq-len below the model's sliding window of {fp.kv_window} "
-                     "positions (the cache never holds more than the window)"),
-        "GEMM kernels": "lower prefill_chunk (oneDNN keeps ~0.7 MiB per matrix and row count "
-                        "up to a chunk's tokens) or --dtype float32",
-        "work buffers": "lower prefill_chunk (a load() option, 512 by default: they grow with "
-                        "a prefill chunk's tokens) or --max-seq-len",
-        "expert slots": ("--pool global needs top_k slots, not top_k per layer" if per_layer
-                         else "a 16-bit --dtype halves them if they run in float32"),
+        "trunk": f"a 16-bit {option_name('dtype')} halves it if it runs in float32",
+        "KV cache": (f"lower {option_name('max_seq_len')} (it grows with the positions it "
+                     "holds)" if fp.kv_window is None else
+                     f"lower {option_name('max_seq_len')} below the model's sliding window of "
+                     f"{fp.kv_window} positions (the cache never holds more than the window)"),
+        "GEMM kernels": f"lower {option_name('prefill_chunk')} (a load() option; oneDNN keeps "
+                        "~0.7 MiB per matrix and row count up to a chunk's tokens) or "
+                        f"{option_name('dtype', 'float32')}",
+        "work buffers": f"lower {option_name('prefill_chunk')} (a load() option, 512 by "
+                        "default: they grow with a prefill chunk's tokens) or "
+                        f"{option_name('max_seq_len')}",
+        "expert slots": (f"{option_name('pool', 'global')} needs top_k slots, not top_k per "
+                         "layer" if per_layer else
+                         f"a 16-bit {option_name('dtype')} halves them if they run in float32"),
     }[largest]
     return f"shrink the largest part, the {largest} ({format_size(parts[largest])}): {advice}"
 
@@ -154,8 +157,8 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
     cap = cfg.num_experts if per_layer else cfg.num_experts * cfg.num_layers
     minimum = cfg.top_k
     need_min = fp.fixed + minimum * pools * fp.slot
+    which = option_name("gpu_memory" if device.type == "cuda" else "cpu_memory")
     if budget < need_min:
-        which = "--gpu-memory" if device.type == "cuda" else "--cpu-memory"
         raise BudgetError(
             f"{which} {format_size(budget)} cannot run this model: the trunk "
             f"({format_size(fp.trunk)}), KV cache ({_kv_text(fp)}), work buffers "
@@ -168,16 +171,17 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
     if cache_experts is not None:
         per_pool = cache_experts if per_layer else cache_experts * cfg.num_layers
         if fp.fixed + per_pool * pools * fp.slot > budget and device_budget is not None:
-            raise BudgetError(f"--cache-experts {cache_experts} needs "
+            raise BudgetError(f"{option_name('cache_experts', cache_experts)} needs "
                               f"{format_size(fp.fixed + per_pool * pools * fp.slot)}, more "
-                              f"than the budget {format_size(budget)}")
+                              f"than {which} {format_size(budget)}")
     host_slots = 0
     if device.type == "cuda":
         host = host_budget if host_budget is not None else available_ram()
         host_slots = min(cfg.num_experts * cfg.num_layers, max(0, host - ALIGN) // fp.slot)
         if host_slots < cfg.top_k:
             need = cfg.top_k * fp.slot + ALIGN
-            raise BudgetError(f"--cpu-memory {format_size(host)} cannot hold the {cfg.top_k} "
-                              f"pinned staging slots of {format_size(fp.slot)} the GPU tier "
-                              f"needs: give at least {format_size(need)} ({need} bytes)")
+            raise BudgetError(f"{option_name('cpu_memory')} {format_size(host)} cannot hold "
+                              f"the {cfg.top_k} pinned staging slots of {format_size(fp.slot)} "
+                              f"the GPU tier needs: give at least {format_size(need)} ({need} "
+                              "bytes)")
     return MemoryPlan(fp, per_pool, pools, host_slots, budget, host_budget)

@@ -7,7 +7,10 @@ callers hold the engine's lock around every method.
 The policy is user code. Every call into it goes through ``_call``: an exception comes back as
 a ``PolicyError`` naming the policy class and the hook, and each transition is ordered so that
 a raise leaves the cache consistent: ``on_insert`` runs before a slot is claimed, ``on_evict``
-after the slot was given back, ``on_access`` before a pin is taken (by the engine).
+after the slot was given back, ``on_access`` before a pin is taken (by the engine). "An
+exception" is any ``BaseException`` but ``KeyboardInterrupt`` (``is_policy_fault``): a policy's
+``SystemExit`` or ``GeneratorExit`` is a bug in the policy, not a request to end the program or
+a generator; Ctrl-C stays an interrupt.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from cache_policies.base import CachePolicy
 from offload_rt.errors import OffloadError, PolicyError
 
 RESIDENT, LOADING = "resident", "loading"
+
+
+def is_policy_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by policy code, is the policy's failure (a ``PolicyError``):
+    anything but a ``KeyboardInterrupt``, which stays an interrupt."""
+    return not isinstance(exc, KeyboardInterrupt)
 
 
 @dataclass
@@ -69,7 +78,9 @@ class ExpertCache:
         """A policy instance; its constructor is user code too (``PolicyError`` naming it)."""
         try:
             return policy_factory()
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_policy_fault(exc):
+                raise
             frames = traceback.extract_tb(exc.__traceback__)
             where = next((f"{f.name} ({f.filename}:{f.lineno})" for f in reversed(frames)
                           if f.name == "__init__"), "its constructor")
@@ -95,7 +106,9 @@ class ExpertCache:
         """``pool.policy.<hook>(*args)``; an exception becomes a ``PolicyError`` (chained)."""
         try:
             return getattr(pool.policy, hook)(*args)
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_policy_fault(exc):
+                raise
             shown = ", ".join(str(a) for a in args if not isinstance(a, (list, dict)))
             raise PolicyError(f"cache policy {policy_name(pool.policy)} raised in {hook}"
                               f"({shown}) on the {self.name} tier: {describe(exc)}") from exc

@@ -11,6 +11,7 @@ measured here, after the fact, to say what would fit.
 
 from __future__ import annotations
 
+import itertools
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,17 @@ import psutil
 import torch
 
 from offload_rt.config import ModelConfig
-from offload_rt.engine.budget import MemoryPlan
+from offload_rt.engine.budget import MemoryPlan, plan_memory
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import BudgetError
+from offload_rt.options import POOL_CHOICE, RuntimeOptions, option_name
 
 MARGIN = 16 * 2**20  # left unplanned in a suggested budget: thread stacks, allocator slack
+# glibc gives each thread that allocates a heap arena of its own (up to 8 per core), reserving
+# 64 MiB of address space (HEAP_MAX_SIZE on 64-bit) that counts against RLIMIT_AS though little
+# of it is ever touched: the prefetch thread and torch's intra-op threads need one each. Without
+# counting them a suggested budget failed ~1 run in 10 under a busy CPU.
+ARENA_ADDRESS_SPACE = 64 * 2**20
 _OOM_TEXT = ("can't allocate memory", "out of memory", "cannot allocate memory",
              "can't start new thread", "cudaHostAlloc", "CUDA error: out of memory")
 
@@ -39,6 +46,33 @@ class Headroom:
 
     nbytes: int
     source: str
+
+
+def _arena_heaps(maps: str) -> int:
+    """glibc heap arenas in ``maps`` (``/proc/self/maps``): an anonymous read-write mapping
+    starting on a 64 MiB boundary followed by the reserved (``---p``) rest of its 64 MiB. A
+    heap grown to its full size is not counted (the estimate then errs towards less room)."""
+    rows = []
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) == 5:  # no path: anonymous
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            rows.append((start, end, fields[1]))
+    return sum(1 for (s0, e0, p0), (s1, e1, p1) in itertools.pairwise(rows)
+               if s0 % ARENA_ADDRESS_SPACE == 0 and p0.startswith("rw") and p1 == "---p"
+               and e0 == s1 and e1 == s0 + ARENA_ADDRESS_SPACE)
+
+
+def missing_arena_bytes() -> int:
+    """Address space that arenas not yet made will reserve: one per thread that may allocate
+    (torch's intra-op threads besides the caller, and the prefetch thread), at most 8 per core
+    (glibc's default ``M_ARENA_MAX``), less the arenas already mapped."""
+    wanted = min(torch.get_num_threads(), 8 * (psutil.cpu_count() or 1))
+    try:
+        have = _arena_heaps(Path("/proc/self/maps").read_text())
+    except OSError:
+        have = 0
+    return max(0, wanted - have) * ARENA_ADDRESS_SPACE
 
 
 def _cgroup_headroom() -> int | None:
@@ -61,50 +95,81 @@ def headroom(device: torch.device) -> Headroom:
     found = [Headroom(psutil.virtual_memory().available, "available RAM")]
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        found.append(Headroom(soft - psutil.Process().memory_info().vms,
+        arenas = missing_arena_bytes()
+        found.append(Headroom(soft - psutil.Process().memory_info().vms - arenas,
                               f"the process's address-space limit (ulimit -v) of "
-                              f"{format_size(soft)}"))
+                              f"{format_size(soft)}, less {format_size(arenas)} of other "
+                              "threads' malloc arenas"))
     cgroup = _cgroup_headroom()
     if cgroup is not None:
         found.append(Headroom(cgroup, "the container's memory limit (cgroup memory.max)"))
     return min(found, key=lambda h: h.nbytes)
 
 
-def _fit_experts(plan: MemoryPlan, room: Headroom, flag: str, top_k: int) -> str:
-    """The ``flag`` value whose plan fits ``room`` (measured with everything freed)."""
-    fp = plan.footprint
-    pools = plan.num_pools
-    per_pool = (room.nbytes - fp.fixed - MARGIN) // (fp.slot * pools)
-    if per_pool < top_k:
-        return (f"not even {top_k * pools} expert slots fit: free memory or raise the limit")
-    budget = (fp.fixed + per_pool * pools * fp.slot) // 2**20 * 2**20
-    return f"try {flag} {budget // 2**20}MiB ({per_pool * pools} expert slots)"
+def _slots_text(plan: MemoryPlan) -> str:
+    if plan.num_pools == 1:
+        return f"{plan.device_slots} expert slots in one global pool"
+    return f"{plan.device_slots} expert slots, {plan.device_slots_per_pool} per layer"
+
+
+def _fit_experts(plan: MemoryPlan, room: Headroom, cfg: ModelConfig, o: RuntimeOptions,
+                 device: torch.device) -> str:
+    """Options whose plan fits ``room`` (measured with everything freed): a per-layer pool
+    of top_k or more slots per layer, else one global pool of top_k or more slots in all (what
+    ``--pool auto`` picks in a smaller budget), each checked by planning it (``plan_memory``).
+    A ``--cache-experts`` that fixes the slot count is lowered, or dropped; ``--no-offload``
+    is dropped."""
+    fp, layers, top_k = plan.footprint, cfg.num_layers, cfg.top_k
+    usable = max(0, room.nbytes - fp.fixed - MARGIN)  # bytes left for expert slots
+    per_layer = min(cfg.num_experts, usable // (fp.slot * layers))
+    drop = f"drop {option_name('offload', False)} and " if o.offload is False else ""
+    if o.cache_experts is not None:
+        if top_k <= per_layer < o.cache_experts:
+            return f"try {option_name('cache_experts', per_layer)}: {per_layer * layers} expert " \
+                   f"slots, {per_layer} per layer"
+        drop = f"drop {option_name('cache_experts')} and "
+    budget_option = "gpu_memory" if device.type == "cuda" else "cpu_memory"
+    for shared in (False, True) if o.pool != "global" else (True,):
+        pools, cap = (1, cfg.num_experts * layers) if shared else (layers, cfg.num_experts)
+        slots = min(cap, usable // (fp.slot * pools))
+        if slots < top_k:
+            continue
+        mib = -(-(fp.fixed + slots * pools * fp.slot) // 2**20)  # rounded up: MARGIN covers it
+        add_pool = shared and o.pool == "layer"
+        fits = plan_memory(cfg, fp, device, device_budget=mib * 2**20,
+                           host_budget=plan.host_budget, cache_experts=None,
+                           per_layer=False if add_pool else POOL_CHOICE[o.pool])
+        pool = f"{option_name('pool', 'global')} " if add_pool else ""
+        return f"{drop}try {pool}{option_name(budget_option, f'{mib}MiB')}: {_slots_text(fits)}"
+    return (f"not even {top_k} expert slots fit (the fewest a run takes: top_k in one global "
+            f"pool, {option_name('pool', 'global')}): free memory or raise the limit")
 
 
 def out_of_memory_error(exc: BaseException, stage: str, plan: MemoryPlan, cfg: ModelConfig,
-                        *, device: torch.device, dtype: torch.dtype,
-                        offloaded: bool) -> BudgetError:
+                        *, device: torch.device, dtype: torch.dtype, offloaded: bool,
+                        options: RuntimeOptions) -> BudgetError:
     """A ``BudgetError`` for the allocation failure ``exc`` (``is_out_of_memory``) while
-    loading ``stage`` ("trunk", "experts", "kv_cache"). Call it after freeing what the load
-    built (and ``exc``'s traceback, whose frames hold it): the headroom it measures is then
-    what a new load could get."""
+    loading ``stage`` ("trunk", "experts", "kv_cache") with ``options``. Call it after freeing
+    what the load built (and ``exc``'s traceback, whose frames hold it): the headroom it
+    measures is then what a new load could get."""
     fp, room = plan.footprint, headroom(device)
-    flag = "--gpu-memory" if device.type == "cuda" else "--cpu-memory"
+    flag = option_name("gpu_memory" if device.type == "cuda" else "cpu_memory")
     if stage == "trunk":
         what, nbytes = "the resident trunk (embeddings, attention, norms, routers)", fp.trunk
-        half = ", or --dtype bfloat16 to halve it" if dtype == torch.float32 else ""
+        half = f", or {option_name('dtype', 'bfloat16')} to halve it" \
+            if dtype == torch.float32 else ""
         advice = f"it cannot be offloaded: free memory or raise the limit{half}"
     elif stage == "kv_cache":
         what, nbytes = "the KV cache", fp.kv_cache
-        advice = "lower --max-seq-len"
+        advice = f"lower {option_name('max_seq_len')}"
     else:
         slots = plan.device_slots if offloaded else cfg.num_layers * cfg.num_experts
         what = f"{slots} expert slots of {format_size(fp.slot)}" + ("" if offloaded else
                                                                     " (every expert resident)")
         nbytes = slots * fp.slot
-        advice = _fit_experts(plan, room, flag, cfg.top_k)
+        advice = _fit_experts(plan, room, cfg, options, device)
         if plan.host_slots:
-            what += f" and {plan.host_slots} pinned host slots (--cpu-memory)"
+            what += f" and {plan.host_slots} pinned host slots ({option_name('cpu_memory')})"
             nbytes += plan.host_slots * fp.slot
     planned = f" (planned within {flag} {format_size(plan.device_budget)})" \
         if plan.device_budget else ""

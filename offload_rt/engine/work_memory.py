@@ -25,7 +25,9 @@ from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN, BOUNCE
 from offload_rt.engine import quant_memory
 from offload_rt.model import cpu_linear
+from offload_rt.quant import fp8_memory
 from offload_rt.quant.formats import ExpertFormat
+from offload_rt.quant.fp8 import Fp8Format
 
 MiB = 2**20
 F32 = 4  # bytes of a float32: RMSNorm, router, softmax, logits and attention scores use it
@@ -64,13 +66,14 @@ class _Shapes:
     head_dim: int
     item: int  # bytes of one element in the compute dtype
     upcast: int  # 1 when .float() / .to(float32) copies (compute dtype is not float32)
+    shared: int = 0  # a shared expert's intermediate size (0: none)
 
     @classmethod
     def of(cls, cfg: ModelConfig, dtype: torch.dtype) -> _Shapes:
         item = torch.empty((), dtype=dtype).element_size()
         return cls(cfg.hidden_size, cfg.num_heads * cfg.head_dim,
                    cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.num_heads,
-                   cfg.head_dim, item, int(dtype != torch.float32))
+                   cfg.head_dim, item, int(dtype != torch.float32), cfg.shared_expert_size)
 
 
 def _norm(s: _Shapes) -> int:
@@ -82,34 +85,42 @@ def _norm(s: _Shapes) -> int:
 def _attention(s: _Shapes) -> int:
     """Attention, at its widest (RoPE of q, or wo's input): h, the normed x, the new h, q, k, v,
     three RoPE temporaries of q (x*cos, rotate_half(x), its product with sin), cos/sin cast to
-    the compute dtype, and the float32 log-sum-exp of the kernel per head."""
+    the compute dtype, and the float32 log-sum-exp of the kernel per head. (q/k norms' float32
+    temporaries come and go before RoPE's: measured, ``tests/test_families_memory.py``.)"""
     return s.item * (3 * s.h + 4 * s.q + 2 * s.kv + 2 * s.head_dim) + F32 * s.heads
 
 
-def _moe(s: _Shapes, cfg: ModelConfig, dtype: torch.dtype, fmt: ExpertFormat | None) -> int:
+def _moe(s: _Shapes, cfg: ModelConfig, dtype: torch.dtype, fmt: ExpertFormat | None,
+         device_type: str = "cpu", tokens: int = 1) -> int:
     """The MoE layer: h, its normed input and the output accumulator; the router's logits,
     float32 probabilities and top-k; then one expert at a time on at most all tokens: its
     rows of x, [w1; w3] x (2F), silu(gate) and silu(gate) * up (F each) (a quantized
     ``fmt``: ``quant_memory.ffn_per_token``) while the previous expert's y is still held, or,
     while it is added into the output, y, y * weight (float32), its cast, out[tok] and their
-    sum."""
+    sum; a shared expert (after the routed ones): silu(gate), up and their product (S each),
+    its output, the gated output and the sum."""
     router = cfg.num_experts * (s.item + F32 * (1 + s.upcast)) + cfg.top_k * (3 * F32 + I64)
     indices = 2 * I64 + cfg.top_k  # torch.where's token and slot ids, the top_ids == e mask
     ffn = s.item * (s.h + 4 * s.f)
     if fmt is not None and quant_memory.quantized(fmt):
-        ffn = quant_memory.ffn_per_token(fmt, s.h, s.f, dtype)
+        ffn = quant_memory.ffn_per_token(fmt, s.h, s.f, dtype, device_type=device_type,
+                                         tokens=tokens)
     combine = s.item * 4 * s.h + F32 * s.h
-    return s.item * 3 * s.h + router + indices + max(ffn + s.item * s.h, combine)
+    shared = s.item * (3 * s.shared + 3 * s.h) if s.shared else 0
+    return s.item * 3 * s.h + router + indices + max(ffn + s.item * s.h, combine, shared)
 
 
-def _fp32_matrices(cfg: ModelConfig, float_experts: bool = True) -> list[tuple[int, int]]:
+def _fp32_matrices(cfg: ModelConfig, float_experts: bool = True,
+                   dequantized: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
     """(out, in) of every weight ``cpu_linear.linear`` may multiply with >= 16 rows of x:
-    wq, wk/wv, wo, a float expert's [w1; w3] and w2 (the LM head sees one row per forward;
-    quantized experts run in their own kernels)."""
+    wq, wk/wv, wo, a float expert's [w1; w3] and w2, a shared expert's matrices (the LM head
+    sees one row per forward; quantized experts run in their own kernels, or hand it
+    ``dequantized`` weight blocks: ``quant_memory.dequant_matrices``)."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    f = cfg.intermediate_size
+    f, s = cfg.intermediate_size, cfg.shared_expert_size
     experts = [(2 * f, h), (h, f)] if float_experts else []
-    return [(q, h), (kv, h), (h, q), *experts]
+    shared = [(s, h), (h, s), (1, h)] if s else []  # a shared expert: always float, resident
+    return [(q, h), (kv, h), (h, q), *experts, *shared, *(dequantized or [])]
 
 
 def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
@@ -118,11 +129,12 @@ def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
             and tokens >= cpu_linear.FP32_MIN_TOKENS)
 
 
-def _fp32_block(cfg: ModelConfig, float_experts: bool) -> tuple[int, int]:
+def _fp32_block(cfg: ModelConfig, float_experts: bool,
+                dequantized: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """(bytes per token, fixed bytes) of ``cpu_linear``'s float32 path: x in float32 and one
     block's float32 product per row; the float32 copy of one weight block."""
     per_token, fixed = 0, 0
-    for out, inp in _fp32_matrices(cfg, float_experts):
+    for out, inp in _fp32_matrices(cfg, float_experts, dequantized):
         rows = min(out, max(1, cpu_linear.FP32_BLOCK_BYTES // (F32 * inp)))
         per_token = max(per_token, F32 * (inp + rows))
         fixed = max(fixed, F32 * rows * inp)
@@ -175,30 +187,41 @@ def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *
     """
     s = _Shapes.of(cfg, dtype)
     float_experts = not quant_memory.quantized(fmt)
-    per_token = max(_norm(s), _attention(s), _moe(s, cfg, dtype, fmt))
+    per_token = max(_norm(s), _attention(s), _moe(s, cfg, dtype, fmt, device_type, tokens))
     weight_block = 0
     if fmt is not None and not float_experts:
-        weight_block = quant_memory.ffn_fixed(fmt, s.h, s.f, device_type)
+        weight_block = quant_memory.ffn_fixed(fmt, s.h, s.f, device_type, tokens)
     if _fp32_path(dtype, device_type, tokens):
-        extra, block = _fp32_block(cfg, float_experts)
+        dequantized = quant_memory.dequant_matrices(fmt, s.h, s.f, tokens, device_type)
+        extra, block = _fp32_block(cfg, float_experts, dequantized)
         per_token += extra
         weight_block = max(weight_block, block)
     scratch = 0
     if device_type == "cpu":
         attention = _flash_cpu(s, tokens, keys, threads)
-        scratch = threads * ONEDNN_TORCH_SCRATCH if _onednn(dtype, tokens) else 0
+        onednn = _onednn(dtype, tokens) or _dequant_onednn(cfg, fmt, tokens)
+        scratch = threads * ONEDNN_TORCH_SCRATCH if onednn else 0
     else:  # CUDA: a masked grouped-query prefill takes the math path; it bounds the others
         attention = _math(s, tokens, keys)
     if window:
         attention += tokens * keys
     head = cfg.vocab_size * (s.item + F32 * s.upcast + F32)
-    return tokens * per_token + attention + weight_block + head + scratch
+    fp8 = fp8_memory.fixed_bytes(fmt, dtype)  # fp8 experts' dequantized matrix (0 otherwise)
+    return tokens * per_token + attention + weight_block + head + scratch + fp8
 
 
 def _onednn(dtype: torch.dtype, tokens: int) -> bool:
     """Whether a CPU GEMM of ``tokens`` rows runs in oneDNN's 16-bit kernels (else MKL's
     float32 GEMM)."""
     return dtype != torch.float32 and not _fp32_path(dtype, "cpu", tokens)
+
+
+def _dequant_onednn(cfg: ModelConfig, fmt: ExpertFormat | None, tokens: int) -> bool:
+    """Whether quantized experts' dequantize + GEMM path runs oneDNN's 16-bit GEMMs on
+    ``tokens`` rows (it computes in the scale dtype, whatever the compute dtype)."""
+    blocks = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size, tokens)
+    return bool(blocks) and fmt is not None and fmt.scale_dtype is not None \
+        and _onednn(fmt.scale_dtype, tokens)
 
 
 def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
@@ -210,10 +233,15 @@ def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
     cuBLASLt workspaces torch allocates per handle and stream."""
     if device_type != "cpu":
         return CUDA_BLAS_WORKSPACES
-    if _onednn(dtype, tokens):  # its scratchpad in torch's allocator is in forward_peak
-        return threads * (ONEDNN_SCRATCH - ONEDNN_TORCH_SCRATCH)
-    largest = max(out * inp for out, inp in _fp32_matrices(cfg, not quant_memory.quantized(fmt)))
-    return threads * min(MKL_SCRATCH_MAX, 2 * F32 * largest)
+    onednn = threads * (ONEDNN_SCRATCH - ONEDNN_TORCH_SCRATCH)  # the rest is in forward_peak
+    if _onednn(dtype, tokens):
+        return onednn
+    dequantized = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size,
+                                                tokens)
+    largest = max(out * inp for out, inp in
+                  _fp32_matrices(cfg, not quant_memory.quantized(fmt), dequantized))
+    both = onednn if _dequant_onednn(cfg, fmt, tokens) else 0  # float32 trunk, 16-bit experts
+    return threads * min(MKL_SCRATCH_MAX, 2 * F32 * largest) + both
 
 
 def onednn_shapes(cfg: ModelConfig, dtype: torch.dtype, tokens: int,
@@ -221,13 +249,21 @@ def onednn_shapes(cfg: ModelConfig, dtype: torch.dtype, tokens: int,
     """Bytes oneDNN keeps for every GEMM shape a session can run (``ONEDNN_PER_SHAPE`` per
     distinct weight shape x padded row count ``cpu_linear.row_bucket`` up to ``tokens``; the LM
     head sees one row): 0 unless bf16 runs in oneDNN's kernels (a CPU with bf16
-    instructions)."""
-    if dtype != torch.bfloat16 or not cpu_linear.native_bf16():
+    instructions). Quantized experts' dequantized weight blocks count from their row
+    threshold on, when their scale dtype is bf16, whatever the compute dtype."""
+    if not cpu_linear.native_bf16():
         return 0
-    buckets = len({cpu_linear.row_bucket(rows) for rows in range(1, tokens + 1)})
-    weights = set(_fp32_matrices(cfg, not quant_memory.quantized(fmt)))
-    weights.add((cfg.num_experts, cfg.hidden_size))  # the router
-    return ONEDNN_PER_SHAPE * (buckets * len(weights) + 1)
+    shapes = 0
+    if dtype == torch.bfloat16:
+        buckets = len({cpu_linear.row_bucket(rows) for rows in range(1, tokens + 1)})
+        weights = set(_fp32_matrices(cfg, not quant_memory.quantized(fmt)))
+        weights.add((cfg.num_experts, cfg.hidden_size))  # the router
+        shapes += buckets * len(weights) + 1
+    blocks = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size, tokens)
+    if blocks and fmt is not None and fmt.scale_dtype == torch.bfloat16:
+        low = quant_memory.dequant_min_rows(fmt)
+        shapes += len(blocks) * len({cpu_linear.row_bucket(r) for r in range(low, tokens + 1)})
+    return ONEDNN_PER_SHAPE * shapes
 
 
 def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype | None,
@@ -244,6 +280,8 @@ def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype |
     if fmt is not None and quant_memory.quantized(fmt):
         return READERS * quant_memory.encode_bytes(fmt, cfg.hidden_size, cfg.intermediate_size,
                                                    file_dtype)
+    if isinstance(fmt, Fp8Format):  # fp8 matrices read as they are, their scales converted
+        return READERS * fp8_memory.read_bytes(fmt)
     matrix = cfg.intermediate_size * cfg.hidden_size * torch.empty(
         (), dtype=file_dtype).element_size()
     return READERS * (matrix + min(BOUNCE, matrix) + 2 * ALIGN)

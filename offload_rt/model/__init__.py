@@ -1,1 +1,2 @@
-"""The resident trunk of a Mixtral-family model, written for this runtime (plain torch)."""
+"""The resident trunk of an MoE model of any supported family (plain torch): which parts its
+blocks have comes from its ``ModelConfig`` (``offload_rt.families``)."""

@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE and a preallocated KV cache, full or sliding-window."""
+"""Grouped-query attention with RoPE and a preallocated KV cache, full or sliding-window; the
+families' q/k/v biases, q/k norms and clamping (``ModelConfig`` parts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload_rt.config import ModelConfig
+from offload_rt.model.norm import RMSNorm
 from offload_rt.model.params import Linear
 from offload_rt.model.rope import apply_rope
 
@@ -66,23 +68,45 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """The config's parts: q/k/v biases (``qkv_bias``), an RMSNorm of q and k per head or over
+    the whole projection (``qk_norm``), q/k/v clamped after it (``clip_qkv``)."""
+
     def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.window = cfg.sliding_window
+        self.window, self.clip = cfg.sliding_window, cfg.clip_qkv
         h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.wq = Linear(h, q, device)  # weight [Hq*D, H]
-        self.wk = Linear(h, kv, device)  # weight [Hkv*D, H]
-        self.wv = Linear(h, kv, device)  # weight [Hkv*D, H]
+        self.wq = Linear(h, q, device, cfg.qkv_bias)  # weight [Hq*D, H] (bias [Hq*D])
+        self.wk = Linear(h, kv, device, cfg.qkv_bias)  # weight [Hkv*D, H] (bias [Hkv*D])
+        self.wv = Linear(h, kv, device, cfg.qkv_bias)  # weight [Hkv*D, H] (bias [Hkv*D])
         self.wo = Linear(q, h, device)  # weight [H, Hq*D]
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(cfg.head_dim if per_head else q, cfg.rms_norm_eps, device)
+            self.k_norm = RMSNorm(cfg.head_dim if per_head else kv, cfg.rms_norm_eps, device)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> q [Hq, T, D], k and v [Hkv, T, D], normed and clamped as configured
+        (OLMoE: norm over the projection, then clamp; Qwen3-MoE: norm per head)."""
+        t = x.shape[0]
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [T, Hq*D], [T, Hkv*D], [T, Hkv*D]
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
+        q = q.view(t, self.n_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(t, self.n_kv, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(t, self.n_kv, self.head_dim)
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, x: torch.Tensor, start_pos: int, cache: KVCache,
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, H] at positions start_pos..start_pos+T-1; cos/sin: [T, D]. Returns [T, H]."""
         t = x.shape[0]
-        q = self.wq(x).view(t, self.n_heads, self.head_dim).transpose(0, 1)  # [Hq, T, D]
-        k = self.wk(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [Hkv, T, D]
-        v = self.wv(x).view(t, self.n_kv, self.head_dim).transpose(0, 1)  # [Hkv, T, D]
+        q, k, v = self._qkv(x)  # [Hq, T, D], [Hkv, T, D], [Hkv, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values, key_pos = cache.update(k, v, start_pos)  # [Hkv, S, D]
         mask = None

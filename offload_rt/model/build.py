@@ -11,15 +11,20 @@ from offload_rt.checkpoint import Checkpoint
 from offload_rt.model.transformer import Transformer
 from offload_rt.tensor_names import trunk_shapes
 
-_ATTN = ("wq", "wk", "wv", "wo")
+# Canonical layer part -> its parameter in ``Block`` (the rest: ``<part>.weight``).
+_PARAMETERS = {
+    **{w: f"attn.{w}.weight" for w in ("wq", "wk", "wv", "wo")},
+    **{f"b{p}": f"attn.w{p}.bias" for p in "qkv"},
+    "q_norm": "attn.q_norm.weight", "k_norm": "attn.k_norm.weight",
+    **{f"shared_{w}": f"shared.{w}.weight" for w in ("w1", "w3", "w2", "gate")},
+}
 
 
 def parameter_name(canonical: str) -> str:
     """Canonical tensor name -> parameter name in ``Transformer``."""
     if canonical.startswith("layers."):
         _, index, part = canonical.split(".", 2)
-        return f"layers.{index}.attn.{part}.weight" if part in _ATTN \
-            else f"layers.{index}.{part}.weight"
+        return f"layers.{index}.{_PARAMETERS.get(part, part + '.weight')}"
     return f"{canonical}.weight"
 
 

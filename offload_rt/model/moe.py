@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from offload_rt.model.experts import ExpertFFN, ExpertProvider
@@ -14,12 +16,16 @@ class MoELayer:
 
     Experts run in ascending id order whatever the source, so every source gives bit-identical
     results; when the source can pin fewer experts than the tokens need (prefill at small cache
-    capacity) they are taken in groups, still in ascending order.
+    capacity) they are taken in groups, still in ascending order. ``shared``: an always-active
+    expert (resident, ``SharedExpert``) whose output is added after the routed experts', as
+    transformers' Qwen2-MoE adds it; None: none.
     """
 
     def __init__(self, layer: int, router: Router, experts: ExpertProvider,
-                 ffn: ExpertFFN) -> None:
+                 ffn: ExpertFFN,
+                 shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.layer, self.router, self.experts, self.ffn = layer, router, experts, ffn
+        self.shared = shared
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] (already normed) -> [T, H]."""
@@ -37,4 +43,4 @@ class MoELayer:
                     # tok holds each token once per expert, so this equals index_add_, whose
                     # bf16 CPU scatter path took ~30 ms per decode row on a busy 2-core box
                     out[tok] += (y * top_w[tok, kpos, None]).to(out.dtype)
-        return out
+        return out if self.shared is None else out + self.shared(x)

@@ -20,14 +20,17 @@ def empty_param(*shape: int, device: torch.device | str) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x @ weight.T, no bias."""
+    """y = x @ weight.T (+ bias when ``bias``: Qwen2-MoE's q/k/v projections)."""
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device | str) -> None:
+    def __init__(self, in_features: int, out_features: int, device: torch.device | str,
+                 bias: bool = False) -> None:
         super().__init__()
         self.weight = empty_param(out_features, in_features, device=device)  # [out, in]
+        self.bias = empty_param(out_features, device=device) if bias else None  # [out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        y = linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class Embedding(nn.Module):

@@ -1,4 +1,6 @@
-"""The MoE router: softmax in float32 over all experts, top-k, weights renormalized (Mixtral)."""
+"""The MoE router: softmax in float32 over all experts, top-k, and the k weights renormalized to
+sum to 1 (Mixtral; Qwen and OLMoE with ``norm_topk_prob``) or kept as the softmax gave them
+(transformers' ``Qwen2MoeTopKRouter``/``Qwen3MoeTopKRouter``/``OlmoeTopKRouter``)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,9 @@ from offload_rt.model.params import empty_param
 
 class Router(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", norm_topk_prob: bool = True) -> None:
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
         self.weight = empty_param(num_experts, hidden, device=device)  # [E, H]
 
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -21,8 +23,10 @@ class Router(nn.Module):
         return torch.softmax(padded_linear(x, self.weight).float(), dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (probs float32 [T, E], weights float32 [T, K] summing to 1 per token,
-        expert ids int64 [T, K])."""
+        """x: [T, H] -> (probs float32 [T, E], weights float32 [T, K] (summing to 1 per token
+        when ``norm_topk_prob``), expert ids int64 [T, K])."""
         probs = self.probabilities(x)
         top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)
-        return probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids
+        if self.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return probs, top_w, top_ids

@@ -1,4 +1,6 @@
-"""The Mixtral decoder: resident trunk + an expert provider for the MoE layers."""
+"""The MoE decoder of every family: resident trunk + an expert provider for the MoE layers.
+Which parts a block has (q/k/v biases, q/k norms, a shared expert, the router's rule) comes
+from the ``ModelConfig`` its family read (``offload_rt.families``)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from offload_rt.model.norm import RMSNorm
 from offload_rt.model.params import Embedding, Linear
 from offload_rt.model.rope import rope_tables
 from offload_rt.model.router import Router
+from offload_rt.model.shared_expert import SharedExpert
 
 
 class Block(nn.Module):
@@ -25,7 +28,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.attn = Attention(cfg, device)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
-        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, device)
+        self.router = Router(cfg.hidden_size, cfg.num_experts, cfg.top_k, device,
+                             cfg.norm_topk_prob)
+        self.shared = SharedExpert(cfg.hidden_size, cfg.shared_expert_size, device) \
+            if cfg.shared_expert_size else None
 
 
 class Transformer(nn.Module):
@@ -55,7 +61,7 @@ class Transformer(nn.Module):
         cfg, p = self.cfg, self.embed.weight
         if ffn is not None:
             self.expert_ffn = ffn
-        self._moe = [MoELayer(i, blk.router, experts, self.expert_ffn)
+        self._moe = [MoELayer(i, blk.router, experts, self.expert_ffn, blk.shared)
                      for i, blk in enumerate(self.layers)]
         held = cfg.kv_positions(max_seq_len)
         self._caches = [KVCache(cfg.num_kv_heads, held, cfg.head_dim, p.dtype, p.device)

@@ -4,8 +4,9 @@
                             "experts": {"format": "int8", "scale_dtype": "bfloat16"},
                             "record_bytes": 28672}
 
-Only ``quant_method: "offload_rt"`` is read here; every other method is refused by
-``model_fields.check_hf_fields`` before this runs.
+An fp8 checkpoint's config (``quant_method`` compressed-tensors or fp8) is read by
+``quant.fp8_scheme``; every other method is refused by ``model_fields.check_hf_fields`` before
+this runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from offload_rt.errors import CheckpointError
+from offload_rt.model_fields import FP8_QUANT_METHODS
+from offload_rt.quant.fp8_scheme import Fp8Scheme, read_fp8_scheme
 
 QUANT_METHOD = "offload_rt"
 FORMAT_VERSION = 1
@@ -39,12 +42,16 @@ def _bad(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: quantization_config: {why} (docs/quantized_format.md)")
 
 
-def read_quantization(data: dict[str, Any], path: Path) -> QuantizedExperts | None:
+def read_quantization(data: dict[str, Any], path: Path
+                      ) -> QuantizedExperts | Fp8Scheme | None:
     """config.json's ``quantization_config`` (already parsed as ``data``), checked: None for a
-    folder of float experts; ``CheckpointError`` naming the file and field otherwise."""
+    folder of float weights, an ``Fp8Scheme`` for an fp8 checkpoint; ``CheckpointError``
+    naming the file and field otherwise."""
     quant = data.get("quantization_config")
     if quant is None:
         return None
+    if isinstance(quant, dict) and quant.get("quant_method") in FP8_QUANT_METHODS:
+        return read_fp8_scheme(quant, path)
     if not isinstance(quant, dict) or quant.get("quant_method") != QUANT_METHOD:
         raise _bad(path, f"quant_method must be {QUANT_METHOD!r}")
     version = quant.get("format_version")

@@ -3,13 +3,17 @@
 | format | record | compute |
 | --- | --- | --- |
 | float | ``[w1 | w3 | w2]`` flattened, compute dtype | ``model.experts.expert_ffn`` |
-| int8 | w13 int8 [2F, H], s13 [2F], w2 int8 [H, F], s2 [H] | ``aten._weight_int8pack_mm`` |
-| int4 | w13 packed [2F, H/2], sz13 [H/G, 2F, 2], w2 packed [H, F/2], sz2 [F/G, H, 2] | ``aten._weight_int4pack_mm_for_cpu`` |
+| int8 | w13 int8 [2F, H], s13 [2F], w2 int8 [H, F], s2 [H] | ``quant.kernels.int8_mm`` |
+| int4 | w13 packed [2F, H/2], sz13 [H/G, 2F, 2], w2 packed [H, F/2], sz2 [F/G, H, 2] | ``quant.kernels.int4_mm`` |
+| fp8 | w13 float8_e4m3fn [2F, H], s13 float32, w2 [H, F], s2 (an fp8 checkpoint's; ``quant.fp8``) | dequantized + ``cpu_linear.linear`` |
 
 (w13 is w1 stacked on w3: one matrix product gives gate and up, as the float format does.) The
-quantized formats compute in their scale dtype (inputs are cast to it, outputs back), and on a
-GPU int8 is dequantized into a scratch buffer for one GEMM (torch has no CUDA int8 weight-only
-kernel); int4 records hold a CPU kernel layout and are refused on a GPU. Every path computes
+quantized formats compute in their scale dtype (inputs are cast to it, outputs back). On a CPU
+the kernel is chosen by the number of tokens (``quant.kernels``: torch's weight-only kernels
+for few rows, the weights dequantized block by block + GEMM for many, a static rule by row
+count measured by ``benchmarks/linear_bench.py``); on a GPU int8 is dequantized into a scratch
+buffer for one GEMM (torch has no CUDA int8 weight-only kernel); int4 records hold a CPU kernel
+layout and are refused on a GPU. Every path computes
 an expert from its record alone, so resident and offloaded runs of one format stay bit-identical.
 """
 
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 
 from offload_rt.errors import CheckpointError
 from offload_rt.model.experts import expert_ffn
+from offload_rt.quant import kernels
 from offload_rt.quant.int4 import cpu_layout, pack_for_cpu, quantize_int4
+from offload_rt.quant.int4_layout import scheme_of_layout
 from offload_rt.quant.int8 import dequantize_int8, quantize_int8
 from offload_rt.quant.record import PART_ALIGN, RecordLayout
 
@@ -183,7 +189,7 @@ class Int8Format(_QuantizedFormat):
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w, s)
+            return kernels.int8_mm(x, w, s)
         return F.linear(x, dequantize_int8(w, s, x.dtype))
 
     def spec(self) -> dict[str, Any]:
@@ -204,6 +210,7 @@ class Int4Format(_QuantizedFormat):
                                  f"multiple of it")
         self.hidden, self.inter, self.group, self.scale_dtype = hidden, inter, group, scale_dtype
         self.cpu_layout = layout or cpu_layout()
+        self.scheme = scheme_of_layout(self.cpu_layout)  # how its nibbles are packed (or None)
         self.layout = RecordLayout([("w13", torch.uint8, (2 * inter, hidden // 2)),
                                     ("s13", scale_dtype, (hidden // group, 2 * inter, 2)),
                                     ("w2", torch.uint8, (hidden, inter // 2)),
@@ -215,7 +222,7 @@ class Int4Format(_QuantizedFormat):
         s[:, row:row + w.shape[0]] = scale_zero
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w, self.group, s)
+        return kernels.int4_mm(x, w, self.group, s, self.scheme)
 
     def spec(self) -> dict[str, Any]:
         return {"format": "int4", "group_size": self.group,

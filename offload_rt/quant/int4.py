@@ -54,11 +54,20 @@ def pack_for_cpu(q: torch.Tensor) -> torch.Tensor:
     return packed.view(q.shape[0], q.shape[1] // 2)
 
 
-def cpu_layout() -> str:
-    """This torch's CPU int4 packing, as '<capability>-<fingerprint>': the fingerprint hashes
-    the packing of a fixed 128 x 64 matrix, so two machines agree iff their layouts do."""
+def layout_probe() -> torch.Tensor:
+    """The fixed matrix whose packing fingerprints a layout: int32 [128, 64] in 0..15."""
     rows = torch.arange(128, dtype=torch.int32)[:, None]
     cols = torch.arange(64, dtype=torch.int32)[None, :]
-    probe = (rows * 7 + cols * 3 + rows * cols) % 16
-    digest = hashlib.sha256(pack_for_cpu(probe).numpy().tobytes()).hexdigest()[:16]
+    return (rows * 7 + cols * 3 + rows * cols) % 16
+
+
+def layout_fingerprint(packed_probe: torch.Tensor) -> str:
+    """The fingerprint of a layout from its packing of ``layout_probe()`` (uint8 [128, 32])."""
+    return hashlib.sha256(packed_probe.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def cpu_layout() -> str:
+    """This torch's CPU int4 packing, as '<capability>-<fingerprint>': the fingerprint hashes
+    the packing of ``layout_probe()``, so two machines agree iff their layouts do."""
+    digest = layout_fingerprint(pack_for_cpu(layout_probe()))
     return f"{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"

@@ -6,6 +6,10 @@ place in the output shard at once, so memory holds one expert and one shard's he
 large the checkpoint (``tests/test_quant_writer.py`` measures it). Trunk tensors are copied
 unchanged (dtype and bytes), in HF rotary order under HF names. Output layout:
 docs/quantized_format.md.
+
+The writer reads through ``QuantSource``: ``CheckpointSource`` is a float folder; a generator
+of seeded weights (``benchmarks/make_checkpoint.py --experts int4``) is another, so a model
+larger than the disk's room for its float copy is written quantized directly.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from offload_rt import tensor_names as names
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.config import ModelConfig
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import OptionError
 from offload_rt.quant.folder_files import files_to_copy, output_config, refuse_quantized_source
@@ -71,12 +77,71 @@ class QuantizeSummary:
                 f"({self.bytes_out / max(self.bytes_in, 1):.2f}x), {self.seconds:.1f} s")
 
 
-def _check_group(group: int, ckpt: Checkpoint) -> None:
+class QuantSource(Protocol):
+    """What the writer reads: a float model's config, experts and trunk tensors.
+
+    ``config_file``: the file messages name for the model's shapes; ``model_dir``: the folder
+    OUT_DIR must not hold (None for a generator); ``mistral``: the config uses params.json's
+    field names."""
+
+    config: ModelConfig
+    config_file: Path
+    model_dir: Path | None
+    mistral: bool
+
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w3 [F, H] and w2 [H, F] as stored (float)."""
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        """The stored bytes of one expert's three matrices."""
+
+    def trunk_dtype(self, canonical: str) -> torch.dtype:
+        """The stored dtype of a trunk tensor (``tensor_names`` canonical name)."""
+
+    def trunk(self, canonical: str) -> torch.Tensor:
+        """A trunk tensor in HF rotary order, as stored."""
+
+    def small_files(self) -> list[Path]:
+        """Tokenizer, generation config, model card and licence files to copy."""
+
+    def config_json(self, fmt: ExpertFormat) -> dict[str, Any]:
+        """config.json of the output folder, with its ``quantization_config``."""
+
+
+class CheckpointSource:
+    """A float checkpoint folder (either layout) as a ``QuantSource``."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt, self.config, self.model_dir = ckpt, ckpt.config, ckpt.model_dir
+        self.mistral = ckpt.layout == names.MISTRAL
+        self.config_file = ckpt.model_dir / ("params.json" if self.mistral else "config.json")
+
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1, w3, w2 = (read_tensor(info, drop_page_cache=True)
+                      for info in self.ckpt.expert(layer, expert).matrices)
+        return w1, w3, w2
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        return self.ckpt.expert(layer, expert).nbytes
+
+    def trunk_dtype(self, canonical: str) -> torch.dtype:
+        return self.ckpt.info(canonical).dtype
+
+    def trunk(self, canonical: str) -> torch.Tensor:
+        return self.ckpt.read(canonical)
+
+    def small_files(self) -> list[Path]:
+        return files_to_copy(self.ckpt.model_dir)
+
+    def config_json(self, fmt: ExpertFormat) -> dict[str, Any]:
+        return output_config(self.ckpt, fmt)
+
+
+def _check_group(group: int, src: QuantSource) -> None:
     if group not in GROUP_SIZES:
         raise OptionError(f"--group-size {group}: int4 takes one of "
                           f"{', '.join(map(str, GROUP_SIZES))} (torch's int4 kernels)")
-    cfg, mistral = ckpt.config, ckpt.layout == names.MISTRAL
-    source = ckpt.model_dir / ("params.json" if mistral else "config.json")
+    cfg, mistral, source = src.config, src.mistral, src.config_file
     for field, alias, n in (("hidden_size", "dim", cfg.hidden_size),
                             ("intermediate_size", "hidden_dim", cfg.intermediate_size)):
         if n % group:
@@ -89,7 +154,7 @@ def _check_group(group: int, ckpt: Checkpoint) -> None:
                               f"group size ({hint})")
 
 
-def expert_format(settings: QuantizeSettings, ckpt: Checkpoint) -> ExpertFormat:
+def expert_format(settings: QuantizeSettings, ckpt: QuantSource) -> ExpertFormat:
     """The format ``settings`` ask for, checked against the model's shapes (``OptionError``)."""
     if settings.scale_dtype not in SCALE_DTYPES:
         raise OptionError(f"--scale-dtype {settings.scale_dtype!r}: choose one of "
@@ -108,17 +173,16 @@ def expert_format(settings: QuantizeSettings, ckpt: Checkpoint) -> ExpertFormat:
     raise OptionError(f"--experts {settings.experts!r}: choose one of {list(FORMATS)}")
 
 
-def _trunk_entries(ckpt: Checkpoint) -> dict[str, TensorEntry]:
+def _trunk_entries(src: QuantSource) -> dict[str, TensorEntry]:
     """Canonical name -> output entry (HF name, the source's dtype and shape)."""
-    return {c: TensorEntry(names.file_name(names.HF, c), ckpt.info(c).dtype, shape)
-            for c, shape in names.trunk_shapes(ckpt.config).items()}
+    family = src.config.family
+    return {c: TensorEntry(names.file_name(names.HF, c, family), src.trunk_dtype(c), shape)
+            for c, shape in names.trunk_shapes(src.config).items()}
 
 
-def encode_expert(ckpt: Checkpoint, fmt: ExpertFormat, layer: int, expert: int) -> torch.Tensor:
+def encode_expert(src: QuantSource, fmt: ExpertFormat, layer: int, expert: int) -> torch.Tensor:
     """One expert's record from the source's w1, w3 [F, H] and w2 [H, F], as stored."""
-    w1, w3, w2 = (read_tensor(info, drop_page_cache=True)
-                  for info in ckpt.expert(layer, expert).matrices)
-    return fmt.encode(w1, w3, w2)
+    return fmt.encode(*src.expert(layer, expert))
 
 
 class _Counter:
@@ -134,17 +198,19 @@ class _Counter:
             self.progress(self.done, self.total)
 
 
-def _write_shard(ckpt: Checkpoint, fmt: ExpertFormat, plan: ShardPlan, folder: Path,
+def _write_shard(src: QuantSource, fmt: ExpertFormat, plan: ShardPlan, folder: Path,
                  count: _Counter) -> None:
     shard = ShardFile(folder / plan.file, list(plan.entries), METADATA)
     try:
         for layer in plan.layers:
-            for e in range(ckpt.config.num_experts):
-                shard.write(names.record_name(layer, e), encode_expert(ckpt, fmt, layer, e))
-                count.expert_done(ckpt.expert(layer, e).nbytes)
+            for e in range(src.config.num_experts):
+                shard.write(names.record_name(layer, e, src.config.family),
+                            encode_expert(src, fmt, layer, e))
+                count.expert_done(src.expert_nbytes(layer, e))
         for canonical in plan.trunk:
-            shard.write(names.file_name(names.HF, canonical), ckpt.read(canonical))
-            count.bytes_in += ckpt.info(canonical).nbytes
+            tensor = src.trunk(canonical)
+            shard.write(names.file_name(names.HF, canonical, src.config.family), tensor)
+            count.bytes_in += tensor.numel() * tensor.element_size()
         shard.close()
     except BaseException:
         shard.abort()
@@ -152,17 +218,17 @@ def _write_shard(ckpt: Checkpoint, fmt: ExpertFormat, plan: ShardPlan, folder: P
     log.info("wrote %s (layers %s)", shard.path, list(plan.layers))
 
 
-def _write_folder(ckpt: Checkpoint, fmt: ExpertFormat, plans: list[ShardPlan], folder: Path,
+def _write_folder(src: QuantSource, fmt: ExpertFormat, plans: list[ShardPlan], folder: Path,
                   progress: Progress | None) -> int:
     """Every file of the quantized folder into ``folder``; returns the source bytes read."""
-    cfg = ckpt.config
+    cfg = src.config
     count = _Counter(cfg.num_layers * cfg.num_experts, progress)
     for plan in plans:
-        _write_shard(ckpt, fmt, plan, folder, count)
+        _write_shard(src, fmt, plan, folder, count)
     (folder / INDEX_FILE).write_text(json.dumps(index_json(plans), indent=2) + "\n")
-    for path in files_to_copy(ckpt.model_dir):
+    for path in src.small_files():
         shutil.copyfile(path, folder / path.name)
-    (folder / "config.json").write_text(json.dumps(output_config(ckpt, fmt), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(src.config_json(fmt), indent=2) + "\n")
     return count.bytes_in
 
 
@@ -175,23 +241,30 @@ def quantize(model_dir: str | Path, out_dir: str | Path, settings: QuantizeSetti
     empty, without ``force``), holds the source, or whose disk is too small or fills up.
     Nothing is left at OUT_DIR by a failed or interrupted run.
     """
-    started = time.perf_counter()
     refuse_quantized_source(Path(model_dir).expanduser())
     ckpt = Checkpoint.open(model_dir)
     try:
-        fmt = expert_format(settings, ckpt)
-        plans = plan_shards(ckpt.config, fmt.nbytes, _trunk_entries(ckpt), settings.shard_size)
-        out = Path(os.path.abspath(Path(out_dir).expanduser()))  # '.', '..' named
-        check_target(out, ckpt.model_dir, settings.force)
-        written = sum(file_bytes(list(p.entries), METADATA) for p in plans)
-        needed = written + sum(p.stat().st_size for p in files_to_copy(ckpt.model_dir)) + 2**20
-        check_space(out, needed)
-        with staged_folder(out, needed, settings.force) as folder:
-            bytes_in = _write_folder(ckpt, fmt, plans, folder, progress)
+        return write_quantized(CheckpointSource(ckpt), out_dir, settings, progress)
     finally:
         ckpt.close()
+
+
+def write_quantized(src: QuantSource, out_dir: str | Path, settings: QuantizeSettings,
+                    progress: Progress | None = None) -> QuantizeSummary:
+    """``quantize`` from any ``QuantSource``; the same checks, errors and output."""
+    started = time.perf_counter()
+    fmt = expert_format(settings, src)
+    plans = plan_shards(src.config, fmt.nbytes, _trunk_entries(src), settings.shard_size)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # '.', '..' named
+    check_target(out, src.model_dir, settings.force)
+    written = sum(file_bytes(list(p.entries), METADATA) for p in plans)
+    needed = written + sum(p.stat().st_size for p in src.small_files()) + 2**20
+    check_space(out, needed)
+    with staged_folder(out, needed, settings.force) as folder:
+        bytes_in = _write_folder(src, fmt, plans, folder, progress)
     spec = fmt.spec()
     name = settings.experts + (f" (group size {spec['group_size']})" if "group_size" in spec
                                else "")
-    return QuantizeSummary(out, ckpt.config.num_layers * ckpt.config.num_experts, name,
-                           bytes_in, written, time.perf_counter() - started)
+    cfg = src.config
+    return QuantizeSummary(out, cfg.num_layers * cfg.num_experts, name, bytes_in, written,
+                           time.perf_counter() - started)

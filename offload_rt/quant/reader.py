@@ -5,7 +5,8 @@ by ``ExpertReader`` (straight into the slot, by ``O_DIRECT`` where placed at the
 float experts run as int8/int4 (``--experts`` on a float folder) by ``QuantizingReader``, which
 reads the three float matrices into a scratch buffer and encodes the record into the slot. The
 cache, the budget and the host -> device link then hold and move records; the disk still
-reads float bytes (``nbytes``, what ``bytes_from_disk`` counts).
+reads float bytes (``nbytes``, what ``bytes_from_disk`` counts). An fp8 checkpoint's experts
+are read by ``quant.fp8_reader.Fp8Reader`` (its six tensors into the record).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from offload_rt.engine.expert_reader import ExpertReader
 from offload_rt.engine.placement import ExpertPlacement
 from offload_rt.engine.slots import SlotPool
 from offload_rt.quant.formats import ExpertFormat
+from offload_rt.quant.fp8 import Fp8Format
+from offload_rt.quant.fp8_reader import Fp8Reader
 
 CPU = torch.device("cpu")
 
@@ -54,9 +57,12 @@ class QuantizingReader:
 
 
 def reader_for(ckpt: Checkpoint, fmt: ExpertFormat, *, direct: bool
-               ) -> ExpertReader | QuantizingReader:
-    """The reader that fills ``fmt``'s slots from ``ckpt``: ``QuantizingReader`` when the
-    folder holds float experts and ``fmt`` is quantized, else ``ExpertReader``."""
+               ) -> ExpertReader | QuantizingReader | Fp8Reader:
+    """The reader that fills ``fmt``'s slots from ``ckpt``: ``Fp8Reader`` for an fp8
+    checkpoint's experts, ``QuantizingReader`` when the folder holds float experts and
+    ``fmt`` is quantized, else ``ExpertReader``."""
+    if isinstance(fmt, Fp8Format):
+        return Fp8Reader(ckpt, fmt, direct=direct)
     if ckpt.quantization is None and fmt.name != "float":
         return QuantizingReader(ckpt, fmt, direct=direct)
     return ExpertReader(ckpt, direct=direct)

@@ -37,14 +37,16 @@ class Part:
 
 
 class RecordLayout:
-    """Parts in the given order, aligned; ``nbytes`` is the padded record size."""
+    """Parts in the given order, each on a ``part_align`` boundary; ``nbytes`` is the padded
+    record size."""
 
-    def __init__(self, parts: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    def __init__(self, parts: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 part_align: int = PART_ALIGN) -> None:
         laid, offset = [], 0
         for name, dtype, shape in parts:
             part = Part(name, dtype, tuple(shape), offset)
             laid.append(part)
-            offset = _round_up(offset + part.nbytes, PART_ALIGN)
+            offset = _round_up(offset + part.nbytes, part_align)
         self.parts = {p.name: p for p in laid}
         self.nbytes = _round_up(offset, ALIGN)
 

@@ -6,6 +6,10 @@
 | float experts | ``int8`` / ``int4`` | quantized at load (``quant.reader``); scales in ``default_scale_dtype`` |
 | quantized (config.json ``quantization_config``) | None or its own format | the folder's records |
 | quantized | another format | ``OptionError`` naming both (records cannot be turned back into the float weights exactly) |
+| fp8 checkpoint, fp8 experts (``Checkpoint.fp8_experts``) | None | ``quant.fp8.Fp8Format`` (its trunk is dequantized at load) |
+| fp8 checkpoint, fp8 experts | any | ``OptionError`` naming both, as a quantized folder |
+
+An fp8 checkpoint whose experts are float (only its trunk quantized) is a float folder here.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from offload_rt.checkpoint import Checkpoint
-from offload_rt.errors import OptionError
+from offload_rt.errors import CheckpointError, OptionError
 from offload_rt.quant.formats import (
     GROUP_SIZES,
     ExpertFormat,
@@ -21,6 +25,7 @@ from offload_rt.quant.formats import (
     default_scale_dtype,
     make_format,
 )
+from offload_rt.quant.fp8 import Fp8Format
 
 DEFAULT_GROUP_SIZE = 64
 
@@ -33,6 +38,8 @@ def select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,
     cfg = ckpt.config
     h, f = cfg.hidden_size, cfg.intermediate_size
     quant = ckpt.quantization
+    if ckpt.fp8 is not None and ckpt.fp8_experts:
+        return _fp8_here(ckpt, experts, group_size)
     if quant is not None:
         _check_folder_options(quant.spec, str(quant.source), experts, group_size)
         return make_format(quant.spec, h, f, dtype, device, str(quant.source))
@@ -47,7 +54,25 @@ def select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,
         _check_int4_options(ckpt, group, device)
         return make_format({"format": "int4", "group_size": group, "scale_dtype": scale},
                            h, f, dtype, device, f"--experts int4 --group-size {group}")
-    raise OptionError(f"--experts {experts!r}: choose one of float, int8, int4")
+    if experts == "fp8":
+        raise OptionError(f"--experts fp8: {ckpt.model_dir} has no fp8 experts; fp8 runs an fp8 "
+                          "checkpoint's own experts (quantizing float experts to fp8 at load is "
+                          "not supported): use --experts int8 or int4, or drop --experts")
+    raise OptionError(f"--experts {experts!r}: choose one of float, int8, int4, fp8")
+
+
+def _fp8_here(ckpt: Checkpoint, experts: str | None, group_size: int | None) -> Fp8Format:
+    """An fp8 checkpoint's experts, run as fp8 only (its own options' rules: a quantized
+    folder's)."""
+    assert ckpt.fp8 is not None
+    spec, source = ckpt.fp8.spec(), str(ckpt.fp8.source)
+    _check_folder_options(spec, source, experts, group_size)
+    cfg = ckpt.config
+    try:
+        return Fp8Format(cfg.hidden_size, cfg.intermediate_size, ckpt.fp8.strategy,
+                         ckpt.fp8.block)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: quantization_config: {exc}") from exc
 
 
 def _check_folder_options(spec: dict[str, object], source: str, experts: str | None,

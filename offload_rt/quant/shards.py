@@ -66,7 +66,7 @@ def plan_shards(cfg: ModelConfig, record_bytes: int, trunk: dict[str, TensorEntr
             names += _layer_trunk(trunk, layer)
         if k == len(groups) - 1:
             names += [c for c in LAST_GLOBALS if c in trunk]
-        records = [TensorEntry(record_name(layer, e), torch.uint8, (record_bytes,))
+        records = [TensorEntry(record_name(layer, e, cfg.family), torch.uint8, (record_bytes,))
                    for layer in layers for e in range(cfg.num_experts)]
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         plans.append(ShardPlan(file, tuple(layers), tuple(names),
