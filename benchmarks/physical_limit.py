@@ -112,8 +112,13 @@ def _format_io(ckpt: object, fmt: object, slots: int) -> tuple:
     from offload_rt.engine.placement import ExpertPlacement
     from offload_rt.engine.slots import SlotPool
     from offload_rt.quant.formats import FloatFormat
+    from offload_rt.quant.reader import reader_for
 
     cpu = torch.device("cpu")
+    if fmt.name == "fp8":  # an fp8 checkpoint's records, filled from its tensors
+        pool = SlotPool(slots, fmt.numel, fmt.storage_dtype, cpu)
+        return (pool, reader_for(ckpt, fmt, direct=True), reader_for(ckpt, fmt, direct=False),
+                ExpertPlacement.for_format(ckpt, fmt, cpu))
     if ckpt.quantization is None and fmt.name != "float":  # the disk reads the float experts
         fmt = FloatFormat(ckpt.config.hidden_size, ckpt.config.intermediate_size, ckpt.dtype)
     pool = SlotPool(slots, fmt.numel, fmt.storage_dtype, cpu)
@@ -123,7 +128,7 @@ def _format_io(ckpt: object, fmt: object, slots: int) -> tuple:
 
 def _encode_s(ckpt: object, fmt: object, repeats: int = 5) -> float | None:
     """Seconds ``fmt`` takes to encode one expert already in RAM (None: nothing to encode)."""
-    if ckpt.quantization is not None or fmt.name == "float":
+    if ckpt.quantization is not None or fmt.name in ("float", "fp8"):
         return None
     from cache_policies import ExpertKey
     from offload_rt.quant.reader import QuantizingReader
@@ -172,7 +177,9 @@ def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50,
         warm.append(time.perf_counter() - start)
     parallel = {str(q): _parallel_cold_read(ckpt, files, q, fmt) for q in (2, 4)}
     nbytes = out.numel() * out.element_size()
-    compute = _compute_s(fmt, cfg.hidden_size, ckpt.dtype, compute_repeats)
+    # fp8: the last expert read (records are made from a checkpoint's tensors, not encoded)
+    compute = _compute_s(fmt, cfg.hidden_size, ckpt.dtype, compute_repeats,
+                         out.clone() if fmt.name == "fp8" else None)
     rc = _summary(cold)
     best = min([rc["median"], *parallel.values()])
     return {"format": fmt.spec(), "expert_bytes": nbytes, "record_bytes": fmt.nbytes,
@@ -185,13 +192,15 @@ def measure(model_dir: Path, samples: int = 12, compute_repeats: int = 50,
             "torch_threads": torch.get_num_threads()}
 
 
-def _compute_s(fmt: object, hidden: int, dtype: torch.dtype, repeats: int) -> list[float]:
-    """Seconds of ``fmt.ffn`` on one token (a random expert in the format)."""
+def _compute_s(fmt: object, hidden: int, dtype: torch.dtype, repeats: int,
+               record: torch.Tensor | None = None) -> list[float]:
+    """Seconds of ``fmt.ffn`` on one token: ``record``, else a random expert in the format."""
     gen = torch.Generator().manual_seed(0)
     f = fmt.inter
-    w = [torch.randn(*shape, generator=gen) / shape[1] ** 0.5 for shape in
-         ((f, hidden), (f, hidden), (hidden, f))]
-    record = fmt.encode(*[m.to(dtype) for m in w])
+    if record is None:
+        w = [torch.randn(*shape, generator=gen) / shape[1] ** 0.5 for shape in
+             ((f, hidden), (f, hidden), (hidden, f))]
+        record = fmt.encode(*[m.to(dtype) for m in w])
     x = torch.randn(1, hidden, generator=gen).to(dtype)  # [1, H]: one decode token
     times = []
     with torch.inference_mode():

@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from cache_policies.keys import ExpertKey
+from cache_policies.trace_checks import (
+    FieldError,
+    expert_rows,
+    header_problem,
+    non_negative,
+    order_problem,
+    record_object,
+)
 
 FORMAT = "offload_rt.trace"
 VERSION = 1
@@ -163,16 +171,23 @@ def read_trace(path: str | Path) -> Trace:
     """Read a trace file (plain or gzip'd, detected from its bytes).
 
     Raises ``ValueError`` naming the file (and line) when it is not a trace, has a version this
-    reader does not know, holds a malformed record, or is cut short: fewer (or more) records
-    than its header's ``records`` count (written since that key was added; older files are
-    read without the check), or a gzip stream without its end.
+    reader does not know or a header shape no model has, holds a malformed record (see
+    ``trace_checks``: fields, ranges, the order of steps and layers), or is cut short: fewer (or
+    more) records than its header's ``records`` count (written since that key was added; older
+    files are read without the check), or a gzip stream without its end. A file of no records
+    reads as an empty ``Trace``.
     """
     path = Path(path)
     lines = _lines(path)
     header, count = _parse_header(path, next(lines, None))
-    records = [_parse_record(path, n, text, header) for n, text in enumerate(lines, start=2)
-               if text.strip()]
-    _check_count(path, count, len(records))
+    numbered = [(n, _parse_record(path, n, text, header))
+                for n, text in enumerate(lines, start=2) if text.strip()]
+    _check_count(path, count, len(numbered))
+    records = [record for _, record in numbered]
+    for (number, record), previous in zip(numbered, [None, *records]):
+        problem = order_problem(record, previous)
+        if problem:
+            raise ValueError(f"{path}: line {number}: {problem}")
     return Trace(header, records)
 
 
@@ -226,6 +241,9 @@ def _parse_header(path: Path, text: str | None) -> tuple[TraceHeader, object]:
         fields.get(k), int)]
     if missing:
         raise ValueError(f"{path}: header lacks integer field(s) {missing}")
+    problem = header_problem(fields)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     extra = {k: v for k, v in obj.items()
              if k not in known and k not in ("format", "version", RECORDS)}
     if extra:  # keys from a newer writer of the same version: keep them, do not fail
@@ -234,16 +252,19 @@ def _parse_header(path: Path, text: str | None) -> tuple[TraceHeader, object]:
 
 
 def _parse_record(path: Path, number: int, text: str, header: TraceHeader) -> Record:
+    """Line ``number``'s record, its fields checked against the header."""
     obj = _json_line(path, number, text)
     try:
-        layer = int(obj["layer"])
-        record = Record(step=int(obj["step"]), seq=int(obj.get("seq", 0)),
-                        pos=int(obj.get("pos", 0)), layer=layer,
-                        experts=_rows(obj["experts"], int),
+        obj = record_object(obj)
+        record = Record(step=non_negative(obj, "step"), seq=non_negative(obj, "seq", 0),
+                        pos=non_negative(obj, "pos", 0), layer=non_negative(obj, "layer"),
+                        experts=expert_rows(obj, header.top_k, header.num_experts),
                         weights=_rows(obj.get("weights", ()), float),
                         probs=_rows(obj.get("probs", ()), float),
                         predicted=tuple(_prediction(p) for p in obj.get("predicted", ())))
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except FieldError as exc:
+        raise ValueError(f"{path}: line {number}: malformed record: {exc}") from exc
+    except (TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"{path}: line {number}: malformed record ({exc!r})") from exc
     _check_ranges(path, number, record, header)
     return record
@@ -263,9 +284,9 @@ def _check_ranges(path: Path, number: int, r: Record, header: TraceHeader) -> No
     bad = None
     if not 0 <= r.layer < layers:
         bad = f"layer {r.layer} outside num_layers={layers}"
-    elif any(not 0 <= e < experts for token in r.experts for e in token):
-        bad = f"an expert id outside num_experts={experts}"
     elif any(not 0 <= p.layer < layers for p in r.predicted):
         bad = f"a predicted layer outside num_layers={layers}"
+    elif any(not 0 <= e < experts for p in r.predicted for e in p.experts):
+        bad = f"a predicted expert id outside num_experts={experts}"
     if bad:
         raise ValueError(f"{path}: line {number}: {bad}")

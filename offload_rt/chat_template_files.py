@@ -75,5 +75,10 @@ def _config_templates(settings: TokenizerSettings) -> dict[str, tuple[str, str]]
             and isinstance(t.get("template"), str) for t in value):
         return {t["name"]: (t["template"], f"{origin[:-1]}, template '{t['name']}')")
                 for t in value}
-    raise TokenizerError(f"{settings.where('chat_template')} must be a template (a string) or "
-                         "a list of {\"name\": ..., \"template\": ...} objects")
+    if isinstance(value, Mapping) and value and all(
+            isinstance(k, str) and isinstance(t, str) for k, t in value.items()):
+        # name -> template, the form transformers holds the list in (and accepts in the file)
+        return {k: (t, f"{origin[:-1]}, template '{k}')") for k, t in value.items()}
+    raise TokenizerError(f"{settings.where('chat_template')} must be a template (a string), "
+                         "a list of {\"name\": ..., \"template\": ...} objects or a "
+                         "{\"name\": template} object")

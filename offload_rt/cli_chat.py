@@ -172,6 +172,10 @@ class _ChatLoop:
             self.answer(text.removeprefix("/"))  # "//..." asks a question starting with "/"
         except ContextLengthError as exc:  # this question only: keep the conversation going
             self._note(f"(not answered: {exc})")
+        except OptionError as exc:  # the chat template refused the conversation so far
+            if not self.session.history:  # even a first question: no question can be asked
+                raise
+            self._note(f"(not answered: {exc}; /reset starts a new conversation)")
         return True
 
     def command(self, text: str) -> bool:

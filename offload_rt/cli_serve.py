@@ -75,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from offload_rt.server.app import ServerSettings
 
     folder = model_dir(args)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    api_key = _api_key(args.api_key)
     if args.shutdown_timeout < 0:
         raise OptionError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout:g}")
     settings = ServerSettings(
@@ -108,6 +108,22 @@ def _server_module() -> Any:
         raise OptionError(f"offload-rt serve needs the server libraries (starlette, uvicorn); "
                           f"{exc.name or exc} is not installed: {INSTALL}") from None
     return serve
+
+
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else $OFFLOAD_RT_API_KEY, else None (no key). A key a client cannot send
+    (empty, or with spaces or control characters: HTTP strips or refuses them in the
+    Authorization header) is refused by where it came from."""
+    source, key = ("--api-key", flag) if flag is not None else \
+        (f"${API_KEY_ENV}", os.environ.get(API_KEY_ENV))
+    if key is None:
+        return None
+    if not key or not key.isprintable() or any(c.isspace() for c in key) or not key.isascii():
+        raise OptionError(f"{source} {key!r}: an API key must be printable ASCII without spaces "
+                          f"(clients send it as 'Authorization: Bearer KEY'); give such a key, "
+                          f"or {'leave --api-key out' if flag is not None else 'unset it'} to "
+                          "serve without one")
+    return key
 
 
 def _warn_if_open(host: str, api_key: str | None) -> None:

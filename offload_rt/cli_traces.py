@@ -52,7 +52,8 @@ def add_trace_inputs(parser: argparse.ArgumentParser) -> None:
 
 def load_traces(args: argparse.Namespace) -> list[tuple[str, str, Trace]]:
     """``(label, path, trace)`` per TRACE file, or the synthetic trace (``--save-trace``
-    written); ``OptionError`` for neither or both, a file that is not a trace, or bad knobs."""
+    written); ``OptionError`` for neither or both, a file that is not a trace or holds no records,
+    or bad knobs."""
     if bool(args.traces) == bool(args.synthetic):
         raise OptionError("give TRACE files or --synthetic (one of the two)")
     if not args.synthetic:
@@ -60,6 +61,9 @@ def load_traces(args: argparse.Namespace) -> list[tuple[str, str, Trace]]:
             traces = [read_trace(path) for path in args.traces]
         except ValueError as exc:
             raise OptionError(str(exc)) from exc
+        empty = next((path for path, trace in zip(args.traces, traces) if not trace.records), None)
+        if empty is not None:  # nothing to replay or count: every rate would be 0/0
+            raise OptionError(f"{empty}: the trace has no records")
         return list(zip(short_labels(args.traces), map(str, args.traces), traces))
     knobs = {field: getattr(args, flag) for flag, field in SYNTHETIC_FLAGS.items()
              if getattr(args, flag) is not None}

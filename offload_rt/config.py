@@ -61,7 +61,9 @@ class ModelConfig:
             raise CheckpointError(f"num_heads ({self.num_heads}) must be a multiple of "
                                   f"num_kv_heads ({self.num_kv_heads})")
         if self.top_k > self.num_experts:
-            raise CheckpointError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+            raise CheckpointError(f"top_k ({self.top_k}, field 'num_experts_per_tok') exceeds "
+                                  f"the number of experts ({self.num_experts}, field "
+                                  "'num_local_experts' or 'num_experts')")
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.qk_norm not in (None, *QK_NORMS):

@@ -156,11 +156,14 @@ class GenerationDefaults:
         return tuple(stop) if stop is not None else self.stop_strings or ()
 
 
-def read_generation_config(model_dir: Path) -> GenerationDefaults:
+def read_generation_config(model_dir: Path,
+                           vocab_size: int | None = None) -> GenerationDefaults:
     """``model_dir/generation_config.json`` read and checked; no file: no defaults.
 
     Raises ``CheckpointError`` naming the file and field for malformed JSON, a value of the
-    wrong type, or a refused field with a value that changes the tokens.
+    wrong type, a refused field with a value that changes the tokens, or (with the model's
+    ``vocab_size``) an ``eos_token_id`` the model can never produce: it replaces config.json's
+    stop ids, so no generation would ever stop.
     """
     path = Path(model_dir) / FILE
     if not path.is_file():
@@ -171,8 +174,8 @@ def read_generation_config(model_dir: Path) -> GenerationDefaults:
             raise CheckpointError(f"{path}: {name} {data[name]!r} changes the generated tokens "
                                   "and offload_rt does not implement it; remove it (or set it "
                                   "to its neutral value) to run this model")
-    eos = token_ids(data, "eos_token_id", path, ()) if data.get("eos_token_id") is not None \
-        else None
+    eos = token_ids(data, "eos_token_id", path, (), vocab_size) \
+        if data.get("eos_token_id") is not None else None
     return GenerationDefaults(
         path=path, eos_token_ids=eos or None,
         do_sample=_typed(data, "do_sample", path, bool),

@@ -62,7 +62,7 @@ class Runtime:
         self.dtype = options.torch_dtype(self._default_dtype())
         context = choose_context(self.config, options.max_seq_len)
         self.max_seq_len, self.max_seq_len_source = context.max_seq_len, context.source
-        self.generation_defaults = read_generation_config(ckpt.model_dir)
+        self.generation_defaults = read_generation_config(ckpt.model_dir, ckpt.config.vocab_size)
         self.eos_token_ids = (self.generation_defaults.eos_token_ids or self.config.eos_token_ids
                               or _tokenizer_eos(tokenizer))
         self._busy = threading.Lock()
@@ -135,10 +135,16 @@ class Runtime:
         if (prompt is None) == (messages is None):
             raise OptionError("give exactly one of prompt= or messages=")
         if messages is not None:
-            return encode_messages(self._tok(), messages)
-        if isinstance(prompt, str):
-            return encode_text(self._tok(), prompt)
-        return check_ids(prompt, self.config.vocab_size)
+            ids = encode_messages(self._tok(), messages)
+            what = "the chat template rendered these messages as no tokens"
+        elif isinstance(prompt, str):
+            ids = encode_text(self._tok(), prompt)
+            what = "the prompt text encodes to no tokens (empty, and this tokenizer adds no BOS)"
+        else:
+            ids, what = check_ids(prompt, self.config.vocab_size), "the prompt ids are empty"
+        if not ids:
+            raise OptionError(f"{what}; generation needs at least one prompt token")
+        return ids
 
     def _tok(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -244,3 +244,19 @@ def test_quant_quality_reports_every_format(tiny_quantized: dict[str, Path],
     table = subprocess.run([sys.executable, str(BENCH / "quant_quality.py"), "--table", str(out)],
                            check=True, capture_output=True, text=True).stdout
     assert "| int4 g128 |" in table and "| fp8 |" in table
+
+
+def test_physical_limit_measures_an_fp8_checkpoint(tmp_path: Path) -> None:
+    """It read fp8 experts with the float reader (ValueError) and tried to encode a random
+    fp8 record (NotImplementedError); now the records come from the checkpoint's reader."""
+    from test_quant_fp8 import SPEC, VARIANTS, make_fp8_checkpoint
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import physical_limit
+    finally:
+        sys.path.remove(str(BENCH))
+    model = make_fp8_checkpoint(tmp_path / "fp8", SPEC, VARIANTS["ct-channel"])
+    doc = physical_limit.measure(model, samples=2, compute_repeats=2)
+    assert doc["format"]["format"] == "fp8" and doc["record_bytes"] == doc["expert_bytes"]
+    assert doc["read_cold_s"]["median"] > 0

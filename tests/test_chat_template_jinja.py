@@ -156,6 +156,20 @@ def test_named_templates_list_uses_default(tokenizer_files: dict[str, Path],
     assert "template 'default'" in tok.chat_template.origin  # type: ignore[union-attr]
 
 
+def test_named_templates_as_an_object_use_default(tokenizer_files: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """Break-it: {"name": template} (the form transformers holds the list in, and renders from
+    the file too) was refused, and with it even raw prompts."""
+    folder = write_tokenizer_folder(tmp_path, byte_level_bpe(), special=QWEN_SPECIAL,
+                                    chat_template={"tool_use": "TOOLS", "default": QWEN2})
+    tok = Tokenizer.from_model_dir(folder)
+    ref = PreTrainedTokenizerFast.from_pretrained(folder)
+    messages = CONVERSATIONS["system"]
+    assert encode_messages(tok, messages) == ref.apply_chat_template(
+        messages, return_dict=False, add_generation_prompt=True)
+    assert "template 'default'" in tok.chat_template.origin  # type: ignore[union-attr]
+
+
 def test_chat_template_jinja_file_wins(tmp_path: Path) -> None:
     """Newer folders ship chat_template.jinja; it replaces tokenizer_config.json's template."""
     folder = write_tokenizer_folder(tmp_path, byte_level_bpe(), special=QWEN_SPECIAL,

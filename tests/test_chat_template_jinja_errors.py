@@ -89,8 +89,10 @@ def test_named_templates_without_default(tmp_path: Path) -> None:
         encode_messages(Tokenizer.from_model_dir(folder), USER)
 
 
-def test_malformed_chat_template_field(tmp_path: Path) -> None:
-    folder = folder_with(tmp_path, {"default": QWEN2})
+@pytest.mark.parametrize("value", [5, {"default": 5}, {}, [{"name": "default"}]])
+def test_malformed_chat_template_field(tmp_path: Path, value: object) -> None:
+    """(A {"name": template} object is a valid form: test_chat_template_jinja.py.)"""
+    folder = folder_with(tmp_path, value)
     with pytest.raises(TokenizerError, match="field 'chat_template' in .*tokenizer_config.json "
                                              "must be a template"):
         Tokenizer.from_model_dir(folder)

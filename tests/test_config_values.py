@@ -95,6 +95,9 @@ CONFIG_JSON = [
     (lambda c: c.update(eos_token_id=[2, 999]), ["'eos_token_id'", "token id 999"]),
     (lambda c: c.update(architectures="MixtralForCausalLM"), ["'architectures' must be a list"]),
     (lambda c: c.update(hidden_act=None), ["unsupported hidden_act None"]),
+    # break-it: "top_k (9) exceeds num_experts (8)" named neither field of the file
+    (lambda c: c.update(num_experts_per_tok=99), ["top_k (99, field 'num_experts_per_tok')",
+                                                  "'num_local_experts'"]),
 ]
 
 

@@ -136,6 +136,9 @@ def test_sampling_only_fields_are_refused_when_sampling(model_dir: Path,
     ('{"eos_token_id": "</s>"}', "field 'eos_token_id'"),
     ('{"max_new_tokens": 0}', "field 'max_new_tokens'"),
     ('{"stop_strings": [""]}', "field 'stop_strings'"),
+    # replaces config.json's stop ids: an id the model cannot produce never stops (was silent)
+    ('{"eos_token_id": 9999}', "field 'eos_token_id' names token id 9999, outside the vocab"),
+    ('{"eos_token_id": [1, 2, 9999]}', "names token id 9999"),
 ])
 def test_a_malformed_file_is_named(model_dir: Path, text: str, words: str) -> None:
     path = model_dir / "generation_config.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from test_quant_fp8 import SPEC, VARIANTS, Fp8Variant, make_fp8_checkpoint
 import offload_rt
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.cli import main
-from offload_rt.errors import CheckpointError, OptionError
+from offload_rt.errors import CheckpointError, OffloadError, OptionError
 
 W1 = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -258,3 +259,22 @@ def test_chat_runs_an_fp8_folder(chat_folder: Path, monkeypatch: pytest.MonkeyPa
     code = main(["chat", str(chat_folder), "--temperature", "0", "--max-new-tokens", "4"])
     out, err = capsys.readouterr()
     assert code == 0 and out.strip(), err
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.block_sparse_moe.experts.1.w2.weight_scale",
+                                  "model.layers.1.self_attn.q_proj.weight_scale"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_scale_that_is_not_finite_names_its_tensor(copy_of: Callable[[str], Path],
+                                                     name: str, value: float) -> None:
+    """Break-it: an inf/NaN scale ran, and the run stopped later with 'the model produced
+    non-finite logits', naming neither file nor tensor (or never, if no prompt used that
+    expert). Attention scales are read at load, an expert's when the expert is read."""
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = value
+
+    model_dir = copy_of("ct-channel")
+    _edit_tensors(model_dir, edit)
+    with pytest.raises(OffloadError, match=f"tensor '{re.escape(name)}' holds a scale of "), \
+            offload_rt.load(model_dir, offload=False, max_seq_len=16) as rt:
+        rt.generate([1, 2, 3], max_new_tokens=1)

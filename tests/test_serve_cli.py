@@ -97,6 +97,24 @@ def test_bad_flags_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--max-body-size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "env", "words"), [
+    (["--api-key", ""], None, "--api-key ''"),
+    (["--api-key", " "], None, "--api-key ' '"),
+    (["--api-key", "a b"], None, "leave --api-key out"),
+    ([], "", "$OFFLOAD_RT_API_KEY ''"),
+])
+def test_a_key_no_client_can_send_is_refused(capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                             env: str | None, words: str) -> None:
+    """Break-it: --api-key "" started with no warning and then let in an empty bearer token
+    (and a " " key refused every request); an empty $OFFLOAD_RT_API_KEY served with no key."""
+    if env is not None:
+        monkeypatch.setenv("OFFLOAD_RT_API_KEY", env)
+    assert main(["serve", "--port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("offload-rt: error: ") and words in err, err
+
+
 WITHOUT_SERVER_LIBS = """
 import sys
 sys.modules["uvicorn"] = None  # as if not installed: importing it raises ImportError

@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 from chat_template_samples import MIXTRAL_V0, QWEN3
-from checkpoint_factory import TinySpec, make_hf_checkpoint, reference_greedy
+from checkpoint_factory import (
+    FamilySpec,
+    TinySpec,
+    make_family_checkpoint,
+    make_hf_checkpoint,
+    reference_greedy,
+)
 from tokenizer_json_factory import QWEN_SPECIAL, byte_level_bpe, write_tokenizer_folder
 from transformers import PreTrainedTokenizerFast
 
@@ -134,3 +140,57 @@ def test_template_refusal_is_one_error_line(monkeypatch: pytest.MonkeyPatch,
     with offload_rt.load(folder) as rt, pytest.raises(OptionError, match="must alternate"):
         rt.generate(messages=[{"role": "user", "content": "a"},
                               {"role": "user", "content": "b"}], max_new_tokens=1)
+
+
+ONE_TURN = ("{% if messages | length > 1 %}{{ raise_exception('only one turn') }}{% endif %}"
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_refusal_on_a_later_turn_leaves_the_session_running(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """Break-it: the second question's refusal ended the chat (exit 2, 'third' never read).
+    Now that question is not answered, with a note, and /reset makes the next one answerable."""
+    folder = qwen_style_folder(tmp_path, template=ONE_TURN)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n/reset\nthird\n"))
+    code = main(["chat", str(folder), "--temperature", "0", "--max-new-tokens", "2"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "(not answered: " in err and "only one turn" in err and "/reset" in err
+    assert err.count("tokens (") == 2  # first and third answered
+
+
+def test_an_empty_prompt_says_where_it_came_from(tmp_path: Path) -> None:
+    """Break-it: a template rendering nothing, or "" with a tokenizer that adds no BOS, said
+    'prompt_ids is empty' (the API's internal name); the server counted it as a failed
+    generation. Now encode refuses it, saying which input was empty."""
+    folder = qwen_style_folder(tmp_path, template="{% if false %}x{% endif %}")
+    with offload_rt.load(folder) as rt:
+        with pytest.raises(OptionError, match="^the chat template rendered these messages as no"):
+            rt.generate(messages=[{"role": "user", "content": "hi"}], max_new_tokens=1)
+        with pytest.raises(OptionError, match="^the prompt text encodes to no tokens"):
+            rt.generate("", max_new_tokens=1)
+        with pytest.raises(OptionError, match="^the prompt ids are empty"):
+            rt.generate([], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_each_family_chats_with_its_own_tokenizer_and_template(
+        family: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """An HF folder of each family with tokenizer.json and a ChatML template (no
+    tokenizer.model): chat answers two questions; the prompt is transformers' template."""
+    folder = make_family_checkpoint(tmp_path, FamilySpec(family, vocab_size=VOCAB_ROWS, seed=5))
+    write_tokenizer_folder(folder, byte_level_bpe(), special=QWEN_SPECIAL, chat_template=QWEN3)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nand again?\n/exit\n"))
+    code = main(["chat", str(folder), "--temperature", "0", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("tokens (") == 2
+    messages = [{"role": "user", "content": "hello there"}]
+    with offload_rt.load(folder) as rt:
+        assert rt.encode(messages=messages) == PreTrainedTokenizerFast.from_pretrained(
+            folder).apply_chat_template(messages, add_generation_prompt=True, return_dict=False)

@@ -35,7 +35,7 @@ def sample_trace() -> Trace:
     records = [
         Record(0, 0, 0, 0, prefill, weights=((0.6, 0.4),) * 3,
                probs=((0.1, 0.2, 0.3, 0.4),) * 3),
-        Record(0, 0, 0, 1, ((2, 2),) * 3),
+        Record(0, 0, 0, 1, ((2, 0), (0, 2), (2, 0))),  # tokens share experts: acquired once
         Record(1, 0, 3, 0, ((1, 0),), predicted=(Prediction(1, (2, 0), (0.3, 0.1, 0.5, 0.1)),)),
         Record(1, 0, 3, 1, ((2, 0),), predicted=(Prediction(1, (3, 1)),)),
     ]
@@ -131,8 +131,9 @@ def test_access_steps_mirror_the_runtime_order() -> None:
         return [ExpertKey(layer, e) for e in experts]
 
     # Per forward call, layer by layer: distinct experts ascending, split at max_group.
-    assert trace.access_steps() == [keys(0, 0, 1, 2, 3), keys(1, 2), keys(0, 0, 1), keys(1, 0, 2)]
-    assert trace.access_steps(3) == [keys(0, 0, 1, 2), keys(0, 3), keys(1, 2), keys(0, 0, 1),
+    assert trace.access_steps() == [keys(0, 0, 1, 2, 3), keys(1, 0, 2), keys(0, 0, 1),
+                                    keys(1, 0, 2)]
+    assert trace.access_steps(3) == [keys(0, 0, 1, 2), keys(0, 3), keys(1, 0, 2), keys(0, 0, 1),
                                      keys(1, 0, 2)]
     assert trace.access_steps(1)[:4] == [keys(0, 0), keys(0, 1), keys(0, 2), keys(0, 3)]
     assert trace.num_tokens == 4 and trace.has_predictions

@@ -137,11 +137,25 @@ def read_dequantized(info: TensorInfo, scale: TensorInfo, scheme: Fp8Scheme,
     """An fp8 trunk weight [N, K], dequantized into ``dtype`` (``quant.fp8.dequantize``)."""
     rows, cols = info.shape
     block = scale_block(scheme.strategy, scheme.block, rows, cols)
-    scales = read_tensor(scale).float().reshape(scale_grid(rows, cols, block))
+    scales = _finite(read_tensor(scale).float(), scale).reshape(scale_grid(rows, cols, block))
     return dequantize(read_tensor(info), scales, block, dtype)
 
 
 def scale_rows(scale: TensorInfo, grid: tuple[int, int], *, drop_page_cache: bool
                ) -> torch.Tensor:
-    """An expert matrix's scale tensor as float32 ``grid`` (``quant.fp8_reader``)."""
-    return read_tensor(scale, drop_page_cache=drop_page_cache).float().reshape(grid)
+    """An expert matrix's scale tensor as float32 ``grid`` (``quant.fp8_reader``); a scale
+    that is inf or NaN is a ``CheckpointError`` naming the tensor when the expert is read."""
+    return _finite(read_tensor(scale, drop_page_cache=drop_page_cache).float(), scale
+                   ).reshape(grid)
+
+
+def _finite(scales: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """``scales`` unless one is inf or NaN (the weights would compute non-finite logits far
+    from the cause): ``CheckpointError`` naming the file and tensor."""
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        value = scales[bad][0].item()
+        raise CheckpointError(f"{info.path}: tensor '{info.name}' holds a scale of {value} "
+                              f"({int(bad.sum())} of {scales.numel()} not finite): the "
+                              "checkpoint is corrupt")
+    return scales

@@ -68,7 +68,7 @@ async def read_json(request: Request, limit: int) -> Any:
 
 
 def _too_large(size: int | None, limit: int) -> APIError:
-    got = f"{size} bytes" if size is not None else "more"
+    got = f"{size} bytes" if size is not None else f"more than {limit} bytes"
     return APIError(413, f"the request body is {got}; this server takes at most {limit} bytes "
                          "(--max-body-size)", "invalid_request_error", None,
                     "request_too_large")
