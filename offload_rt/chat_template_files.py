@@ -28,8 +28,16 @@ DEFAULT_NAME = "default"
 def find_chat_template(model_dir: Path, settings: TokenizerSettings,
                        variables: Mapping[str, str]) -> JinjaChatTemplate | None:
     """The folder's chat template with the tokenizer's special tokens as ``variables``, or
-    None when it has none. Files that cannot be read are TokenizerErrors naming them."""
-    templates = _template_files(Path(model_dir)) or _config_templates(settings)
+    None when it has none. Files that cannot be read are TokenizerErrors naming them; a
+    ``chat_template`` field of the wrong JSON type is, like a template that does not compile,
+    a warning at load and an error at each chat prompt (raw prompts still run)."""
+    templates = _template_files(Path(model_dir))
+    if not templates:
+        try:
+            templates = _config_templates(settings)
+        except TokenizerError as exc:
+            return JinjaChatTemplate(None, f"{settings.path} (field 'chat_template')",
+                                     variables, problem=str(exc))
     if not templates:
         return None
     if DEFAULT_NAME in templates:

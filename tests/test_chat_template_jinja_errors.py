@@ -90,12 +90,18 @@ def test_named_templates_without_default(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", [5, {"default": 5}, {}, [{"name": "default"}]])
-def test_malformed_chat_template_field(tmp_path: Path, value: object) -> None:
-    """(A {"name": template} object is a valid form: test_chat_template_jinja.py.)"""
+def test_malformed_chat_template_field(tmp_path: Path, value: object,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A field of the wrong type warns at load and refuses chat prompts only, as a template
+    that does not compile does (break-it: it refused the folder, raw prompts too). (A
+    {"name": template} object is a valid form: test_chat_template_jinja.py.)"""
     folder = folder_with(tmp_path, value)
+    tok = Tokenizer.from_model_dir(folder)
+    assert "must be a template" in caplog.text
+    assert tok.encode("hi")  # raw prompts still work
     with pytest.raises(TokenizerError, match="field 'chat_template' in .*tokenizer_config.json "
                                              "must be a template"):
-        Tokenizer.from_model_dir(folder)
+        encode_messages(tok, USER)
 
 
 def test_unreadable_template_file(tmp_path: Path) -> None:
