@@ -107,22 +107,18 @@ def _parallel_cold_read(ckpt: object, files: list[Path], threads: int, fmt: obje
 
 def _format_io(ckpt: object, fmt: object, slots: int) -> tuple:
     """(slots, cold reader, warm reader, placement) as the engine makes them for ``fmt``'s
-    file bytes: a record read as is, or (quantizing at load) the float matrices alone."""
-    from offload_rt.engine.expert_reader import ExpertReader
+    file bytes (``quant.reader.reader_for``): a record read as is, an fp8 checkpoint's tensors,
+    or (quantizing at load) the float matrices alone."""
     from offload_rt.engine.placement import ExpertPlacement
     from offload_rt.engine.slots import SlotPool
     from offload_rt.quant.formats import FloatFormat
     from offload_rt.quant.reader import reader_for
 
     cpu = torch.device("cpu")
-    if fmt.name == "fp8":  # an fp8 checkpoint's records, filled from its tensors
-        pool = SlotPool(slots, fmt.numel, fmt.storage_dtype, cpu)
-        return (pool, reader_for(ckpt, fmt, direct=True), reader_for(ckpt, fmt, direct=False),
-                ExpertPlacement.for_format(ckpt, fmt, cpu))
-    if ckpt.quantization is None and fmt.name != "float":  # the disk reads the float experts
+    if ckpt.quantization is None and fmt.name not in ("float", "fp8"):  # reads float experts
         fmt = FloatFormat(ckpt.config.hidden_size, ckpt.config.intermediate_size, ckpt.dtype)
     pool = SlotPool(slots, fmt.numel, fmt.storage_dtype, cpu)
-    return (pool, ExpertReader(ckpt, direct=True), ExpertReader(ckpt, direct=False),
+    return (pool, reader_for(ckpt, fmt, direct=True), reader_for(ckpt, fmt, direct=False),
             ExpertPlacement.for_format(ckpt, fmt, cpu))
 
 
