@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_work_memory import SLACK, MiB, _config, _forward_peak, _model
+from test_work_memory import _config, _forward_peak, _model, assert_estimate_bounds
 
 from offload_rt.engine import work_memory
 from offload_rt.model import cpu_linear
@@ -41,5 +41,4 @@ def test_forward_peak_bounds_the_families_parts(name: str, fp32_path: bool,
     cfg = _config(**fields)
     measured = _forward_peak(_model(cfg, dtype, tokens), tokens, 0)
     estimate = work_memory.forward_peak(cfg, dtype, tokens, tokens, threads=1)
-    report = f"measured {measured / MiB:.3f} MiB, estimate {estimate / MiB:.3f} MiB"
-    assert measured <= estimate <= 2 * measured + SLACK, report
+    assert_estimate_bounds(measured, estimate)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint, make_quantized_checkpoint
-from test_work_memory import SLACK, _config, peak_allocated
+from test_work_memory import _config, assert_estimate_bounds, peak_allocated
 
 import offload_rt
 from cache_policies import ExpertKey
@@ -103,28 +103,39 @@ def test_each_miss_moves_one_record(folders: Callable[[str], Path], source: str)
 
 # ---- the work term ------------------------------------------------------------------------------
 
-def _quantized_model(cfg_fields: dict[str, object], dtype: torch.dtype, fmt_name: str,
-                     keys: int) -> tuple[Transformer, ExpertFormat]:
-    """``test_work_memory``'s model (zero gates: every token to the same experts) with records."""
+def model_with_records(cfg_fields: dict[str, object], dtype: torch.dtype, fmt: ExpertFormat,
+                       keys: int, record: Callable[[torch.Generator], torch.Tensor]
+                       ) -> Transformer:
+    """``test_work_memory``'s model (zero gates: every token to the same experts) with
+    resident experts in ``fmt``, each ``record(gen)`` (drawn after the trunk, layer by layer)."""
     cfg = _config(**cfg_fields)
-    h, f = cfg.hidden_size, cfg.intermediate_size
-    scale = dtype if dtype != torch.float32 else torch.bfloat16
-    fmt: ExpertFormat = Int8Format(h, f, scale) if fmt_name == "int8" else \
-        Int4Format(h, f, 64, scale)
     model = Transformer(cfg, device="cpu")
     gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.data = (0.05 * torch.randn(p.shape, generator=gen)).to(dtype)
     for block in model.layers:
         block.router.weight.data.zero_()
-    records = {}
-    for layer in range(cfg.num_layers):
-        for e in range(cfg.num_experts):
-            w = 0.05 * torch.randn(3 * f * h, generator=gen)
-            records[layer, e] = fmt.encode(w[:f * h].view(f, h), w[f * h:2 * f * h].view(f, h),
-                                           w[2 * f * h:].view(h, f))
+    records = {(layer, e): record(gen) for layer in range(cfg.num_layers)
+               for e in range(cfg.num_experts)}
     model.attach(ResidentExperts(records, cfg.num_experts), keys, fmt.ffn)
-    return model.eval(), fmt
+    return model.eval()
+
+
+def _quantized_model(cfg_fields: dict[str, object], dtype: torch.dtype, fmt_name: str,
+                     keys: int) -> tuple[Transformer, ExpertFormat]:
+    """``model_with_records`` with int8 or int4 records of random experts."""
+    cfg = _config(**cfg_fields)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+    scale = dtype if dtype != torch.float32 else torch.bfloat16
+    fmt: ExpertFormat = Int8Format(h, f, scale) if fmt_name == "int8" else \
+        Int4Format(h, f, 64, scale)
+
+    def record(gen: torch.Generator) -> torch.Tensor:
+        w = 0.05 * torch.randn(3 * f * h, generator=gen)
+        return fmt.encode(w[:f * h].view(f, h), w[f * h:2 * f * h].view(f, h),
+                          w[2 * f * h:].view(h, f))
+
+    return model_with_records(cfg_fields, dtype, fmt, keys, record), fmt
 
 
 CASES = {  # name: (config fields, dtype, format, tokens, positions attended)
@@ -147,8 +158,7 @@ def test_forward_peak_bounds_quantized_experts(name: str) -> None:
                         generator=torch.Generator().manual_seed(1))
     measured = peak_allocated(lambda: model(ids, keys - tokens, last_only=True))
     estimate = work_memory.forward_peak(model.cfg, dtype, tokens, keys, fmt=fmt)
-    report = f"measured {measured / MiB:.3f} MiB, estimate {estimate / MiB:.3f} MiB"
-    assert measured <= estimate <= 2 * measured + SLACK, report
+    assert_estimate_bounds(measured, estimate)
 
 
 @pytest.mark.parametrize("block", [formats.ENCODE_BLOCK, 2**15])
@@ -170,8 +180,7 @@ def test_quantizing_reader_peak_is_bounded(tmp_path: Path, monkeypatch: pytest.M
     out = torch.empty(fmt.nbytes, dtype=torch.uint8)
     measured = peak_allocated(lambda: reader(ExpertKey(0, 1), out))
     estimate = quant_memory.encode_bytes(fmt, h, f, file_dtype)
-    report = f"measured {measured / MiB:.3f} MiB, estimate {estimate / MiB:.3f} MiB"
-    assert measured <= estimate <= 2 * measured + SLACK, report
+    assert_estimate_bounds(measured, estimate)
     ckpt.close()
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quant_budget import model_with_records
 from test_quant_fp8 import SPEC, VARIANTS, make_fp8_checkpoint
-from test_work_memory import SLACK, _config, peak_allocated
+from test_work_memory import _config, assert_estimate_bounds, peak_allocated
 
 from cache_policies import ExpertKey
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine import work_memory
-from offload_rt.model.experts import ResidentExperts
 from offload_rt.model.transformer import Transformer
 from offload_rt.quant import fp8, fp8_memory
 from offload_rt.quant.fp8 import FP8, Fp8Format
@@ -37,20 +37,11 @@ def _record(fmt: Fp8Format, gen: torch.Generator) -> torch.Tensor:
 
 def _fp8_model(fields: dict[str, object], dtype: torch.dtype, strategy: str,
                keys: int) -> tuple[Transformer, Fp8Format]:
-    """``test_work_memory``'s model (zero gates: every token to the same experts), fp8 experts."""
+    """``test_quant_budget.model_with_records`` with random fp8 records."""
     cfg = _config(**fields)
     block = (64, 64) if strategy == "block" else None
     fmt = Fp8Format(cfg.hidden_size, cfg.intermediate_size, strategy, block)
-    model = Transformer(cfg, device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        p.data = (0.05 * torch.randn(p.shape, generator=gen)).to(dtype)
-    for layer in model.layers:
-        layer.router.weight.data.zero_()
-    records = {(i, e): _record(fmt, gen) for i in range(cfg.num_layers)
-               for e in range(cfg.num_experts)}
-    model.attach(ResidentExperts(records, cfg.num_experts), keys, fmt.ffn)
-    return model.eval(), fmt
+    return model_with_records(fields, dtype, fmt, keys, lambda gen: _record(fmt, gen)), fmt
 
 
 CASES = {  # name: (config fields, dtype, strategy, tokens, positions attended)
@@ -72,8 +63,7 @@ def test_forward_peak_bounds_fp8_experts(name: str) -> None:
                         generator=torch.Generator().manual_seed(1))
     measured = peak_allocated(lambda: model(ids, keys - tokens, last_only=True))
     estimate = work_memory.forward_peak(model.cfg, dtype, tokens, keys, fmt=fmt)
-    report = f"measured {measured / MiB:.3f} MiB, estimate {estimate / MiB:.3f} MiB"
-    assert measured <= estimate <= 2 * measured + SLACK, report
+    assert_estimate_bounds(measured, estimate)
     assert fp8_memory.fixed_bytes(fmt, dtype) >= 2 * fmt.inter * fmt.hidden * dtype.itemsize
 
 
