@@ -19,9 +19,12 @@ logits at every position), every expert resident, in the model's compute dtype (
   and greedy agreement over 64 tokens from seeded random prompts.
 
 Formats (``FORMATS``): the float file (bf16), int8, int4 with groups of 32 / 64 / 128, each
-quantized as it is read (``experts=``); fp8 is not implemented (a row marked so). ``--check-
+quantized as it is read (``experts=``); fp8 is not implemented (a row marked so).
+``--trunk-int8 bf16,int4 g128`` adds a row "<format> + int8 trunk" for each format named:
+the same experts with the attention projections and LM head in int8 (``trunk="int8"``). ``--check-
 folders`` also writes each quantized format with ``offload-rt quantize`` and checks that the
-folder gives the same logits and tokens as quantizing at load.
+folder gives the same logits and tokens as quantizing at load (not the int8-trunk rows: a
+folder's trunk is float).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FORMATS = {"bf16": {}, "int8": {"experts": "int8"},
            "int4 g32": {"experts": "int4", "group_size": 32},
            "int4 g64": {"experts": "int4", "group_size": 64},
            "int4 g128": {"experts": "int4", "group_size": 128}}
+TRUNK_INT8 = " + int8 trunk"  # the suffix of a --trunk-int8 row
 NOT_MEASURED = {"fp8": "not measured: fp8 experts are not implemented in offload_rt yet"}
 PROMPTS: list[metrics.Prompt] = [
     "Once upon a time", "The Python interpreter", "A hacker is", "Computers are",
@@ -92,7 +96,8 @@ def run_demo(val: Path, formats: dict[str, dict], check_folders: bool, scratch: 
            "predicted_tokens": int(wins.shape[0] * (SEQ_LEN - 1)),
            "float32_compute_perplexity": f32, "formats": rows, "skipped": skipped}
     if check_folders:
-        out["folders"] = metrics.check_folders(model_dir, formats, scratch, wins[:8], PROMPTS)
+        out["folders"] = metrics.check_folders(model_dir, float_trunk(formats), scratch,
+                                               wins[:8], PROMPTS)
     return out
 
 
@@ -110,9 +115,24 @@ def run_small(model_dir: Path, formats: dict[str, dict], prompts: int, check_fol
     out = {"model_dir": str(model_dir), "texts": len(starts),
            "text_tokens": int(texts.shape[1]), "formats": rows, "skipped": skipped}
     if check_folders:
-        picked = {k: v for k, v in formats.items() if k in ("int8", "int4 g64")}
+        picked = {k: v for k, v in float_trunk(formats).items() if k in ("int8", "int4 g64")}
         out["folders"] = metrics.check_folders(model_dir, picked, scratch, texts[:2], starts[:2])
     return out
+
+
+def with_int8_trunk(formats: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """``formats`` plus, for each of ``names``, its row with the trunk in int8."""
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown:
+        raise SystemExit(f"--trunk-int8: unknown format(s) {unknown}; choose of "
+                         f"{', '.join(FORMATS)}")
+    return {**formats, **{name + TRUNK_INT8: {**FORMATS[name], "trunk": "int8"}
+                          for name in names}}
+
+
+def float_trunk(formats: dict[str, dict]) -> dict[str, dict]:
+    """The rows whose trunk is float (what ``--check-folders`` compares with a folder)."""
+    return {k: v for k, v in formats.items() if "trunk" not in v}
 
 
 def markdown(doc: dict) -> str:
@@ -152,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", default=",".join(FORMATS),
                    help=f"comma-separated, of {', '.join(FORMATS)} (bf16 is always run: the "
                         "reference)")
+    p.add_argument("--trunk-int8", default="", metavar="NAMES",
+                   help="comma-separated formats to run again with an int8 trunk (attention "
+                        "projections and LM head: --trunk int8), as '<format> + int8 trunk'")
     p.add_argument("--check-folders", action="store_true",
                    help="also run folders written by offload-rt quantize")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/quant_quality"),
@@ -168,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     formats = {k: FORMATS[k] for k in ["bf16", *a.formats.split(",")]}
+    formats = with_int8_trunk(formats, [n for n in a.trunk_int8.split(",") if n])
     start = time.perf_counter()
     doc: dict = {"benchmark": "quant_quality", "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "compute_dtype": "bfloat16",

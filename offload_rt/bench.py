@@ -48,9 +48,11 @@ def bench_prompt(vocab_size: int, tokens: int, seed: int) -> list[int]:
     return torch.randint(low, vocab_size, (tokens,), generator=gen).tolist()
 
 
-ENGINE_FIGURES = ("hit_rate", "loads_per_token", "bytes_per_token", "disk_bytes_per_token",
+ENGINE_FIGURES = ("hit_rate", "loads_per_token", "prefetch_useful_per_token",
+                  "prefetch_wasted_per_token", "bytes_per_token", "disk_bytes_per_token",
                   "stall_fraction", "disk_busy_fraction", "h2d_busy_fraction",
-                  "disk_GBps_while_busy", "h2d_GBps_while_busy", "link_limit_tokens_per_s")
+                  "disk_GBps_while_busy", "h2d_GBps_while_busy", "unstalled_s_per_token",
+                  "link_limit_tokens_per_s")
 
 
 def _engine_figures(d: dict[str, float]) -> dict[str, float | None]:
@@ -68,6 +70,9 @@ def _engine_figures(d: dict[str, float]) -> dict[str, float | None]:
     return {
         "hit_rate": d["hits"] / needed if needed else None,
         "loads_per_token": (d["misses"] + d["prefetch_issued"]) / n,
+        # prefetched experts a layer then used / that left the cache unused (read for nothing)
+        "prefetch_useful_per_token": d["prefetch_useful"] / n,
+        "prefetch_wasted_per_token": d["prefetch_wasted"] / n,
         "bytes_per_token": (d["bytes_from_disk"] + d["bytes_host_to_device"]) / n,
         "disk_bytes_per_token": d["bytes_from_disk"] / n,
         "stall_fraction": fraction("stall_s"),
@@ -75,6 +80,8 @@ def _engine_figures(d: dict[str, float]) -> dict[str, float | None]:
         "h2d_busy_fraction": fraction("h2d_busy_s"),
         "disk_GBps_while_busy": rate("bytes_from_disk", "disk_busy_s"),
         "h2d_GBps_while_busy": rate("bytes_host_to_device", "h2d_busy_s"),
+        # seconds per token not spent waiting for a load: compute (what no link can shorten)
+        "unstalled_s_per_token": max(0.0, t - d["stall_s"]) / n,
         # decode tokens/s if the busiest link were busy all the time at the rate it ran at
         "link_limit_tokens_per_s": n / busiest if busiest else None,
     }
@@ -138,7 +145,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
         "options": {"device": o.device, "dtype": str(rt.dtype).removeprefix("torch."),
                     "cache_experts_per_layer": (rt.plan.device_slots / rt.config.num_layers
                                                 if rt.offloaded else None),
-                    "policy": o.policy, "prefetch": o.prefetch,
+                    "policy": o.policy, "prefetch": o.prefetch, "trunk": o.trunk,
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
         "same_tokens_every_run": all(r["token_ids"] == runs[0]["token_ids"] for r in runs),

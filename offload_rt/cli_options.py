@@ -19,6 +19,7 @@ from offload_rt.options import (
     DEFAULT_PREFETCH,
     EXPERT_FORMATS,
     POOLS,
+    TRUNK_FORMATS,
     RuntimeOptions,
 )
 
@@ -133,6 +134,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", metavar="N", type=int, default=d.group_size,
                        help="int4 group size: 32, 64, 128 or 256, dividing the hidden and "
                             "intermediate sizes (default: 64); with --experts int4 only")
+    group.add_argument("--trunk", choices=TRUNK_FORMATS, default=d.trunk,
+                       help="trunk format: int8 quantizes the attention projections and the "
+                            "LM head at load (one scale per output channel; --device cpu "
+                            "only); embeddings, norms and routers stay in the compute dtype "
+                            "(default: %(default)s, the compute dtype)")
 
 
 def policy_spec(spec: str) -> str:
@@ -156,7 +162,7 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
             "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
             "max_seq_len": args.max_seq_len, "offload": args.offload,
-            "experts": args.experts, "group_size": args.group_size}
+            "experts": args.experts, "group_size": args.group_size, "trunk": args.trunk}
     return demo_options(opts) if args.model_dir is None else opts
 
 

@@ -18,6 +18,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 POOLS = ("auto", "layer", "global")
 POOL_CHOICE = {"auto": None, "layer": True, "global": False}  # plan_memory's per_layer
 EXPERT_FORMATS = ("float", "int8", "int4", "fp8")  # fp8: an fp8 checkpoint's own experts only
+TRUNK_FORMATS = ("float", "int8")  # int8: attention projections and LM head (model.int8_linear)
 
 
 # Defaults of the expert-cache options; the fields default to None ("not given") so that a
@@ -63,6 +64,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "drop_page_cache": ((bool,), False, "True or False"),
     "experts": ((str,), True, f"one of {list(EXPERT_FORMATS)} or None"),
     "group_size": ((int,), True, "an int >= 1 or None"),
+    "trunk": ((str,), False, f"one of {list(TRUNK_FORMATS)}"),
 }
 
 
@@ -95,6 +97,10 @@ class RuntimeOptions:
     (``offload_rt.quant.select``). ``group_size``: int4's group (default 64), with
     ``experts="int4"`` only.
 
+    ``trunk``: "float" keeps the trunk in the compute dtype; "int8" quantizes the attention
+    projections and the LM head at load (``model.int8_linear``; CPU only: torch has no CUDA
+    kernel for int8 weight-only matrix products).
+
     Every value is type-checked; a wrong type or value, and options that contradict each
     other, raise ``OptionError`` naming each option as ``option_name`` spells it
     (``_check_combination``); a budget of 'auto' means exactly what leaving it out (None) means.
@@ -114,6 +120,7 @@ class RuntimeOptions:
     drop_page_cache: bool = True  # expert reads bypass the page cache (see README)
     experts: str | None = None  # None: the folder's format; "float", "int8", "int4"
     group_size: int | None = None  # int4 only; None: 64
+    trunk: str = "float"  # "int8": attention projections and LM head in int8 (CPU only)
 
     def __post_init__(self) -> None:
         for name in _TYPES:
@@ -142,6 +149,9 @@ class RuntimeOptions:
         if self.experts is not None and self.experts not in EXPERT_FORMATS:
             raise OptionError(f"{option_name('experts', self.experts)}: choose one of "
                               f"{', '.join(EXPERT_FORMATS)}")
+        if self.trunk not in TRUNK_FORMATS:
+            raise OptionError(f"{option_name('trunk', self.trunk)}: choose one of "
+                              f"{', '.join(TRUNK_FORMATS)}")
 
     def _check_policy(self) -> None:
         try:
@@ -168,6 +178,12 @@ class RuntimeOptions:
                 f"{option_name('group_size', self.group_size)} applies to --experts int4 only "
                 f"(experts={self.experts!r}): int8 has one scale per output channel, float "
                 "none; drop --group-size or add --experts int4")
+        if self.trunk == "int8" and self.device.startswith("cuda"):
+            raise OptionError(
+                f"{option_name('trunk', 'int8')} runs on {option_name('device', 'cpu')} only: "
+                "torch has no CUDA kernel for int8 weight-only matrix products "
+                f"(aten._weight_int8pack_mm: CPU, MPS and XPU); drop --trunk int8 with "
+                f"{option_name('device', self.device)}")
         if budget_given(self.gpu_memory) and self.device == "cpu":
             raise OptionError(
                 f"{option_name('gpu_memory', self.gpu_memory)} has no effect on a CPU run: "

@@ -18,6 +18,7 @@ from offload_rt.chunked_lm import ChunkedLM, IdDecoder
 from offload_rt.context import choose_context
 from offload_rt.demo import demo_model_dir, demo_options
 from offload_rt.engine.assemble import build_offloaded
+from offload_rt.engine.budget import plan_line
 from offload_rt.engine.offloaded import OffloadedExperts
 from offload_rt.engine.out_of_memory import is_out_of_memory, out_of_memory_error
 from offload_rt.engine.resident import load_resident
@@ -75,10 +76,11 @@ class Runtime:
                                            self.dtype, self.device)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
                                  file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
+        log.info("%s", plan_line(self.plan))
         self.model = self.experts = None  # type: ignore[assignment]
         stage = "trunk"
         try:  # a failure frees what was built (prefetch thread, slots, files), then is raised
-            self.model = build_trunk(ckpt, self.dtype, self.device, progress)
+            self.model = build_trunk(ckpt, self.dtype, self.device, progress, options.trunk)
             stage = "experts"
             self.experts = self._experts(progress)
             stage = "kv_cache"

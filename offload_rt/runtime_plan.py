@@ -24,7 +24,7 @@ def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device
                           f"and the number of experts ({cfg.num_experts}), got "
                           f"{o.cache_experts}")
     fp = footprint(cfg, dtype, max_seq_len, o.prefill_chunk, device_type=device.type,
-                   file_dtype=file_dtype, fmt=fmt)
+                   file_dtype=file_dtype, fmt=fmt, trunk=o.trunk)
     gpu = parse_size(o.gpu_memory, option_name("gpu_memory"))
     cpu = parse_size(o.cpu_memory, option_name("cpu_memory"))
     on_gpu = device.type == "cuda"

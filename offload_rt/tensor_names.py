@@ -8,15 +8,19 @@ Which optional trunk parts a model has follows from its config (``trunk_shapes``
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from offload_rt import families
 from offload_rt.config import ModelConfig
 from offload_rt.families.base import EXPERT_MATRICES, HF, MISTRAL, TensorNames
 
 __all__ = ["EXPERT_MATRICES", "HF", "IGNORED_SUFFIXES", "MISTRAL", "expert_name", "expert_shapes",
-           "file_name", "names_of", "record_name", "trunk_shapes"]
+           "file_name", "int8_trunk_shapes", "names_of", "record_name", "trunk_numel",
+           "trunk_shapes"]
 
 # Buffers some exporters add that carry no weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+INT8_TRUNK_PARTS = ("wq", "wk", "wv", "wo")  # layer parts an int8 trunk quantizes (+ lm_head)
 
 
 def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -53,10 +57,23 @@ def trunk_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def trunk_numel(cfg: ModelConfig) -> int:
-    """Elements of the resident trunk (``trunk_shapes``), for budgets."""
+def int8_trunk_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Canonical name -> [out, in] of the trunk matrices an int8 trunk (``trunk="int8"``,
+    ``model.int8_linear``) holds as int8 with one scale per output channel: every layer's
+    attention projections wq, wk, wv, wo (their biases stay float) and the LM head, unless it
+    is tied to the embedding (``tie_word_embeddings``: one float tensor, as token lookups need
+    its rows). Embeddings, norms, routers and a shared expert stay float."""
+    return {name: (shape[0], shape[1]) for name, shape in trunk_shapes(cfg).items()
+            if name == "lm_head" or name.rsplit(".", 1)[-1] in INT8_TRUNK_PARTS}
+
+
+def trunk_numel(cfg: ModelConfig, leave_out: Collection[str] = ()) -> int:
+    """Elements of the resident trunk (``trunk_shapes``) but the tensors named in
+    ``leave_out`` (e.g. ``int8_trunk_shapes``' when they are int8), for budgets."""
     total = 0
-    for shape in trunk_shapes(cfg).values():
+    for name, shape in trunk_shapes(cfg).items():
+        if name in leave_out:
+            continue
         n = 1
         for dim in shape:
             n *= dim

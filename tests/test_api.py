@@ -18,6 +18,7 @@ import pytest
 from checkpoint_factory import TinySpec, make_hf_checkpoint
 
 import offload_rt
+from offload_rt.engine.offloaded import PREFETCH_READERS
 from offload_rt.errors import BusyError, OffloadError
 from offload_rt.runtime import Output, Runtime
 
@@ -199,7 +200,7 @@ def test_close_stops_the_thread_frees_memory_and_refuses_calls(ckpt: Path) -> No
     runtime = offload_rt.load(ckpt, **OPTIONS)
     runtime.generate(PROMPT, max_new_tokens=4)
     ours = prefetch_threads() - before
-    assert len(ours) == 1  # the offloaded engine runs one prefetch thread
+    assert len(ours) == PREFETCH_READERS  # the offloaded engine's prefetch threads
     model = weakref.ref(runtime.model)
     slots = weakref.ref(runtime.experts.device.slots.storage)  # type: ignore[attr-defined]
     runtime.close()

@@ -77,6 +77,10 @@ def test_run_bench_offloaded_reports_decode_figures(model_dir: Path) -> None:
         assert run["loads_per_token"] > 0 and 0 <= run["hit_rate"] <= 1
         assert 0 < run["disk_busy_fraction"] <= 1 and run["h2d_busy_fraction"] == 0
         assert run["disk_GBps_while_busy"] > 0 and run["link_limit_tokens_per_s"] > 0
+        # every load is a miss or an issued prefetch; a prefetch ends used, wasted or pending
+        prefetched = run["prefetch_useful_per_token"] + run["prefetch_wasted_per_token"]
+        assert 0 <= prefetched <= run["loads_per_token"]
+        assert 0 < run["unstalled_s_per_token"] <= 1 / run["decode_tokens_per_s"] + 1e-6
     assert r["median"]["loads_per_token"] > 0
     assert r["bound_by"] in ("disk", "compute")
 

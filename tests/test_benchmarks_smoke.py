@@ -260,3 +260,34 @@ def test_physical_limit_measures_an_fp8_checkpoint(tmp_path: Path) -> None:
     doc = physical_limit.measure(model, samples=2, compute_repeats=2)
     assert doc["format"]["format"] == "fp8" and doc["record_bytes"] == doc["expert_bytes"]
     assert doc["read_cold_s"]["median"] > 0
+
+
+def test_mixtral_bench_reports_budget_limit_and_swap(tiny_bench: tuple[dict, dict],
+                                                     tmp_path: Path) -> None:
+    """Two settings in one round on the tiny model: every run has its budget check and swap
+    count, an offloaded run its limit (bounded by the slower of compute and reads), a resident
+    one (every expert fits the automatic budget) none; --recompute gives the same table from
+    the saved JSON."""
+    made, _ = tiny_bench
+    out = tmp_path / "r.json"
+    doc = _run(str(BENCH / "mixtral_bench.py"), made["out"], "--setting",
+               "small=--cache-experts 2", "--setting", "auto=", "--prompt-tokens", "6",
+               "--new-tokens", "4", "--rounds", "1", "--disk-samples", "2", "--out", str(out))
+    assert set(doc["table"]) == {"small", "auto"}
+    for name, (run,) in doc["runs"].items():
+        assert run["returncode"] == 0 and run["swapped_pages"] >= 0, name
+        assert run["within_budget"] is (run["peak_rss_bytes"]
+                                        <= run["budget_plus_baseline_bytes"])
+        assert run["offloaded"] is (name == "small")
+        if not run["offloaded"]:
+            assert "limit_tokens_per_s" not in run
+            continue
+        assert run["bound_by"] in ("disk", "compute")
+        bound = max(run["read_s_per_token"], run["compute_s_per_token"])
+        assert run["limit_tokens_per_s"] == pytest.approx(1 / bound, rel=0.01)
+        assert run["achieved_over_limit"] == pytest.approx(
+            run["decode_tokens_per_s"] / run["limit_tokens_per_s"], rel=0.01)
+    again = json.loads(subprocess.run([sys.executable, str(BENCH / "mixtral_bench.py"),
+                                       "--recompute", str(out)], check=True,
+                                      capture_output=True, text=True).stdout)
+    assert again["table"] == json.loads(out.read_text())["table"]

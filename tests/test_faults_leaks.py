@@ -23,6 +23,7 @@ from fault_injection import PREFETCH_THREAD
 
 import offload_rt
 import offload_rt.runtime as runtime_module
+from offload_rt.engine.offloaded import PREFETCH_READERS
 from offload_rt.errors import BudgetError
 from offload_rt.model.transformer import Transformer
 
@@ -56,13 +57,15 @@ def test_a_dropped_runtime_ends_its_thread_and_frees_its_memory(model_dir: Path)
     before = prefetch_threads()
     rt = offload_rt.load(model_dir, dtype="float32", cache_experts=2, prefetch=2)
     rt.generate([1, 2, 3, 4], max_new_tokens=6, ignore_eos=True)
-    (thread,) = prefetch_threads() - before
+    threads = prefetch_threads() - before
+    assert len(threads) == PREFETCH_READERS
     engine = weakref.ref(rt.experts)
     slots = weakref.ref(rt.experts.device.slots.storage)  # type: ignore[union-attr]
     del rt  # no close()
     gc.collect()
-    thread.join(timeout=10)
-    assert not thread.is_alive()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
     assert engine() is None and slots() is None
     assert open_files(model_dir) == []
 

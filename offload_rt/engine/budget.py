@@ -15,11 +15,11 @@ import torch
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN
 from offload_rt.engine.sizes import format_size
+from offload_rt.engine.trunk_memory import int8_parts, trunk_bytes
 from offload_rt.engine.work_memory import onednn_shapes, work_bytes
 from offload_rt.errors import BudgetError
 from offload_rt.options import option_name
 from offload_rt.quant.formats import ExpertFormat
-from offload_rt.tensor_names import trunk_numel
 
 AUTO_RAM_FRACTION = 0.85  # of available RAM when a budget is 'auto'
 AUTO_GPU_MARGIN = 512 * 2**20  # left free on the GPU for the CUDA context and allocator slack
@@ -36,6 +36,13 @@ class Footprint:
     kv_positions: int = 0  # positions each layer's KV cache holds
     kv_window: int | None = None  # set when those are a rolling sliding window
     kernels: int = 0  # GEMM library state kept per shape run (work_memory.onednn_shapes)
+    trunk_int8: str | None = None  # the trunk parts held in int8 (trunk_memory); None: none
+
+    @property
+    def trunk_text(self) -> str:
+        """'3.0 GiB', or for an int8 trunk '1.9 GiB, attention and LM head in int8'."""
+        size = format_size(self.trunk)
+        return size if self.trunk_int8 is None else f"{size}, {self.trunk_int8} in int8"
 
     @property
     def fixed(self) -> int:
@@ -64,7 +71,7 @@ class MemoryPlan:
 
 def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
               device_type: str = "cpu", file_dtype: torch.dtype | None = None,
-              fmt: ExpertFormat | None = None) -> Footprint:
+              fmt: ExpertFormat | None = None, trunk: str = "float") -> Footprint:
     """Bytes of the trunk, KV cache and the largest activations of a ``chunk``-token forward.
 
     ``work`` is what a run allocates beyond weights and KV cache on ``device_type``
@@ -72,7 +79,9 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int
     ``file_dtype``, the experts' stored dtype, differs from what their slots hold), measured in
     ``tests/test_work_memory.py``. ``expert`` is one expert's bytes in its slot: ``fmt``'s
     ``nbytes`` (a record of an int8 or int4 ``fmt``), by default ``cfg.expert_numel`` elements
-    of ``dtype``.
+    of ``dtype``. ``trunk``: "float" (every trunk tensor in ``dtype``) or "int8" (its
+    attention projections and LM head int8 with a scale per row: ``trunk_memory``, whose
+    products also add to ``work``).
 
     The KV cache holds ``cfg.kv_positions(max_seq_len)`` positions per layer: all of them, or
     with a sliding window W < max_seq_len a rolling W (plus, while a prefill chunk runs past a
@@ -80,18 +89,19 @@ def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int
     """
     item = torch.empty((), dtype=dtype).element_size()
     kv = cfg.num_kv_heads * cfg.head_dim
-    trunk = item * trunk_numel(cfg)  # every resident tensor, a shared expert's too
+    trunk_size = trunk_bytes(cfg, dtype, trunk)  # every resident tensor, a shared expert's too
     held = cfg.kv_positions(max_seq_len)
     kv_cache = item * 2 * cfg.num_layers * held * kv
     rolling = cfg.sliding_window if held < max_seq_len else None
     if rolling:  # a prefill chunk past a full window also attends over [window; chunk] keys
         kv_cache += item * 2 * (held + min(chunk, max_seq_len)) * kv  # one layer at a time
     work = work_bytes(cfg, dtype, max_seq_len, chunk, kv_positions=held,
-                      device_type=device_type, file_dtype=file_dtype, fmt=fmt)
+                      device_type=device_type, file_dtype=file_dtype, fmt=fmt, trunk=trunk)
     expert = item * cfg.expert_numel if fmt is None else fmt.nbytes
-    kernels = onednn_shapes(cfg, dtype, min(chunk, max_seq_len), fmt) \
+    kernels = onednn_shapes(cfg, dtype, min(chunk, max_seq_len), fmt, trunk) \
         if device_type == "cpu" else 0
-    return Footprint(trunk, kv_cache, work, expert, held, rolling, kernels)
+    return Footprint(trunk_size, kv_cache, work, expert, held, rolling, kernels,
+                     int8_parts(cfg, trunk))
 
 
 def _kv_text(fp: Footprint) -> str:
@@ -102,6 +112,16 @@ def _kv_text(fp: Footprint) -> str:
 
 def _kernels_text(fp: Footprint) -> str:
     return f", GEMM kernels ({format_size(fp.kernels)})" if fp.kernels else ""
+
+
+def plan_line(plan: MemoryPlan) -> str:
+    """The start-up line of a plan, what the CLI logs with -v: 'memory: trunk (3.0 GiB), KV
+    cache (512.0 MiB), work buffers (101.0 MiB) of a 48.0 GiB budget' (an int8 trunk: 'trunk
+    (1.9 GiB, attention and LM head in int8)')."""
+    fp = plan.footprint
+    budget = f" of a {format_size(plan.device_budget)} budget" if plan.device_budget else ""
+    return (f"memory: trunk ({fp.trunk_text}), KV cache ({_kv_text(fp)}), work buffers "
+            f"({format_size(fp.work)}){_kernels_text(fp)}{budget}")
 
 
 def available_ram() -> int:
@@ -119,7 +139,9 @@ def _shrink_hint(fp: Footprint, slots: int, per_layer: bool) -> str:
              "GEMM kernels": fp.kernels, "expert slots": slots * fp.slot}
     largest = max(parts, key=lambda k: parts[k])
     advice = {
-        "trunk": f"a 16-bit {option_name('dtype')} halves it if it runs in float32",
+        "trunk": f"a 16-bit {option_name('dtype')} halves it if it runs in float32" + (
+            f", {option_name('trunk', 'int8')} about halves its attention and LM head"
+            if fp.trunk_int8 is None else ""),
         "KV cache": (f"lower {option_name('max_seq_len')} (it grows with the positions it "
                      "holds)" if fp.kv_window is None else
                      f"lower {option_name('max_seq_len')} below the model's sliding window of "
@@ -161,7 +183,7 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
     if budget < need_min:
         raise BudgetError(
             f"{which} {format_size(budget)} cannot run this model: the trunk "
-            f"({format_size(fp.trunk)}), KV cache ({_kv_text(fp)}), work buffers "
+            f"({fp.trunk_text}), KV cache ({_kv_text(fp)}), work buffers "
             f"({format_size(fp.work)}){_kernels_text(fp)} and {minimum * pools} expert slots "
             f"of {format_size(fp.slot)}"
             f" ({minimum} per {'layer' if per_layer else 'step'}) need at least "

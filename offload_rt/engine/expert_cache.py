@@ -117,14 +117,20 @@ class ExpertCache:
         """A demand access of a resident key (a hit, or right after its miss was loaded)."""
         self._call(self.pool(key), "on_access", key, self.now)
 
-    def reserve(self, key: ExpertKey, protected: Iterable[ExpertKey] = ()) -> int | None:
+    def reserve(self, key: ExpertKey, protected: Iterable[ExpertKey] = (),
+                spare: Iterable[ExpertKey] = ()) -> int | None:
         """Claim a slot for loading ``key``; evict if the pool is full. None if nothing can go.
+        ``protected`` keys are never evicted; ``spare`` keys (prefetched for a layer not yet
+        reached) only when every other candidate is protected, pinned or loading: a policy
+        that ranks a new key low (LFU) would otherwise evict a prefetch before its layer ran.
         ``PolicyError``: the policy raised or chose a non-candidate; nothing was claimed."""
         pool = self.pool(key)
         if not pool.free:
             keep = set(protected)
             candidates = sorted(k for k in pool.slots if self.state[k] == RESIDENT
                                 and not self.pins[k] and k not in keep)
+            spared = set(spare)
+            candidates = [k for k in candidates if k not in spared] or candidates
             if not candidates:
                 return None
             victim = self._call(pool, "choose_victim", candidates, self.now)

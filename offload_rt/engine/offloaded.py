@@ -33,6 +33,8 @@ from offload_rt.engine.transfer import HostToDevice
 from offload_rt.errors import LoaderError, PolicyError
 
 log = logging.getLogger(__name__)
+# prefetch threads, each with one read in flight (benchmarks/results/mixtral_8x7b_ab.json)
+PREFETCH_READERS = 2
 
 
 def _count_evicted(stats: EngineStats, key: ExpertKey) -> None:
@@ -55,10 +57,12 @@ class OffloadedExperts(ExpertMover):
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
         self._protected: frozenset[ExpertKey] = frozenset()
+        # prefetched keys whose layer has not run yet in this step: evicted last (reserve)
+        self._ahead: set[ExpertKey] = set()
         # (keys, scores) the latest on_route predicted, or None: what the prefetch acted on
         self.last_predictions: tuple[list[ExpertKey], dict[ExpertKey, float]] | None = None
         device.cache._on_evict = functools.partial(_count_evicted, self.stats)
-        self._worker = PrefetchWorker(self._cond, self._prefetch_one) \
+        self._worker = PrefetchWorker(self._cond, self._prefetch_one, PREFETCH_READERS) \
             if predictor is not None and prefetch_depth > 0 else None
 
     # ---- ExpertProvider -------------------------------------------------------------------
@@ -71,17 +75,25 @@ class OffloadedExperts(ExpertMover):
             if layer == 0:
                 self.device.release_leaks()
                 self.stats.tokens += hidden.shape[0]
-        # Prefill routes many tokens at once: only single-token decode steps predict ahead.
-        self._hidden = hidden if hidden.shape[0] == 1 else None
+        self._hidden = hidden
 
     def on_route(self, layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
         needed = frozenset(ExpertKey(layer, e) for e in torch.unique(ids).tolist())
         self.last_predictions = None
         with self._cond:
             self._protected = needed
+            # every layer routes once per forward, so a key of a layer reached is no longer
+            # ahead (and at the last layer, none is)
+            self._ahead = {k for k in self._ahead if k.layer > layer}
             worker, hidden = self._worker, self._hidden  # close() may clear them meanwhile
             if worker is None or hidden is None or self.predictor is None:
                 return
+        if hidden.shape[0] > 1:  # a prefill chunk: the next layers' experts, in demand order
+            prefill = self.predictor.predict_prefill(layer, hidden, self.depth,
+                                                     self.max_group(layer))
+            with self._cond:
+                worker.submit(prefill, layer)
+            return
         keys, scores = self.predictor.predict(layer, hidden, self.depth)
         self.last_predictions = (keys, scores)  # read by the trace recorder (no second predict)
         with self._cond:
@@ -135,7 +147,7 @@ class OffloadedExperts(ExpertMover):
                 continue
             # The group's other keys are needed now: evicting one only reloads it. They
             # fit (max_group), so a slot frees up once in-flight loads land.
-            slot = cache.reserve(key, group)
+            slot = cache.reserve(key, group, self._ahead)
             if slot is None:  # every free slot is pinned or still loading: wait for one
                 self._await_slot(self.device, key, since, demand=True)
                 continue
@@ -202,9 +214,12 @@ class OffloadedExperts(ExpertMover):
         cache = self.device.cache
         if key in cache.state or self._error is not None:
             return
-        slot = cache.reserve(key, self._protected)
+        if key.layer <= max((k.layer for k in self._protected), default=-1):
+            return  # queued before its layer was reached: the demand path has it now
+        slot = cache.reserve(key, self._protected, self._ahead)
         if slot is None:
             return
+        self._ahead.add(key)
         self.stats.prefetch_issued += 1
         self.stats.pending_prefetch.add(key)
         self._load_unlocked(key, slot, demand=False, group=self._protected)

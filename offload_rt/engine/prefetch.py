@@ -2,7 +2,10 @@
 
 At layer l of a decode step, layer l+j's gate is applied (after l+j's own norm) to the residual
 stream entering layer l's MoE; its top-k experts are queued for a background thread that loads
-them into free or evictable slots while layer l computes. The worker never evicts what the
+them into free or evictable slots while layer l computes. A prefill chunk (many tokens) queues
+the union of its tokens' top-k for the next layers, in the order the layer will take them, as
+many as the layer's cache holds: prefill needs most experts of every layer, so the disk reads
+layer l+1's while layer l computes (time to first token). The worker never evicts what the
 current layer needs (pinned or protected keys), never waits for a slot (best effort), and hands
 any failure back to the caller through the engine. The thread holds no strong reference to the
 engine (``weakref``): dropping the engine ends it.
@@ -11,6 +14,7 @@ engine (``weakref``): dropping the engine ends it.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -42,6 +46,22 @@ class NextLayerPredictor:
             to_load.extend(ExpertKey(j, e) for e in top)
         return to_load, scores
 
+    @torch.inference_mode()
+    def predict_prefill(self, layer: int, hidden: torch.Tensor, depth: int,
+                        capacity: int) -> list[ExpertKey]:
+        """hidden: [T, H], T > 1 (a prefill chunk). Returns the keys to load for the next
+        ``depth`` layers, nearest layer first: per layer, the union of every token's top-k in
+        ascending expert id (the order ``MoELayer`` takes them in), at most ``capacity`` of
+        them (what that layer's cache can hold at once: a later one would evict an earlier
+        one before it is used)."""
+        to_load: list[ExpertKey] = []
+        for j in range(layer + 1, min(layer + 1 + depth, len(self.routers))):
+            probs = self.routers[j].probabilities(self.norms[j](hidden))  # [T, E]
+            top = torch.topk(probs, self.top_k, dim=-1).indices
+            used = torch.unique(top).tolist()[:capacity]  # sorted ascending
+            to_load.extend(ExpertKey(j, e) for e in used)
+        return to_load
+
 
 class _Queue:
     """What the thread shares with its worker: keys, flags and the engine's condition, and
@@ -51,7 +71,7 @@ class _Queue:
         self.cond = cond
         self.keys: deque[ExpertKey] = deque()
         self.stop = False
-        self.busy = False
+        self.busy = 0  # threads loading a key now
 
 
 def _stop(queue: _Queue) -> None:
@@ -79,37 +99,42 @@ def _run(queue: _Queue, load_one: weakref.WeakMethod) -> None:
             if queue.stop:
                 return
             key = queue.keys.popleft()
-            queue.busy = True
+            queue.busy += 1
         try:
             alive = _load(load_one, key)
         finally:
             with queue.cond:
-                queue.busy = False
+                queue.busy -= 1
                 queue.cond.notify_all()
         if not alive:
             return
 
 
 class PrefetchWorker:
-    """One daemon thread draining a queue of keys with ``load_one`` (a bound method of the
-    engine, which owns all locking and catches its own errors: see ``OffloadedExperts``).
+    """``readers`` daemon threads draining one queue of keys with ``load_one`` (a bound method
+    of the engine, which owns all locking and catches its own errors: see
+    ``OffloadedExperts``). Several readers keep several reads in flight, nearest layer first:
+    a disk with queue depth (NVMe, most virtual disks) delivers more that way.
 
-    The thread holds only a weak reference to the engine: an engine (or ``Runtime``) dropped
-    without ``close()`` is freed, and dropping this worker stops the thread.
+    The threads hold only a weak reference to the engine: an engine (or ``Runtime``) dropped
+    without ``close()`` is freed, and dropping this worker stops the threads.
     """
 
     def __init__(self, cond: threading.Condition,
-                 load_one: Callable[[ExpertKey], None]) -> None:
+                 load_one: Callable[[ExpertKey], None], readers: int = 1) -> None:
         self._cond = cond
         self._queue = _Queue(cond)
-        self._thread = threading.Thread(target=_run, name="offload-rt-prefetch", daemon=True,
-                                        args=(self._queue, weakref.WeakMethod(load_one)))  # type: ignore[arg-type]
-        self._thread.start()
+        method = weakref.WeakMethod(load_one)  # type: ignore[arg-type]
+        self._threads = [threading.Thread(target=_run, name="offload-rt-prefetch", daemon=True,
+                                          args=(self._queue, method))
+                         for _ in range(max(1, readers))]
+        for thread in self._threads:
+            thread.start()
         self._finalizer = weakref.finalize(self, _stop, self._queue)
 
     @property
     def busy(self) -> bool:
-        return self._queue.busy
+        return self._queue.busy > 0
 
     def submit(self, keys: Sequence[ExpertKey], current_layer: int) -> None:
         """Replace queued work: keys for layers already reached are stale. Caller holds cond."""
@@ -125,9 +150,11 @@ class PrefetchWorker:
         self._queue.keys.clear()
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Stop the thread and wait up to ``timeout`` s for it; False if it is still running
-        (a read that does not return; the thread is a daemon and ends with it)."""
+        """Stop the threads and wait up to ``timeout`` s in all for them; False if one is still
+        running (a read that does not return; the threads are daemons and end with it)."""
         self._finalizer()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=timeout)
-        return not self._thread.is_alive()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)

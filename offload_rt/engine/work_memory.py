@@ -23,10 +23,10 @@ import torch
 
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN, BOUNCE
-from offload_rt.engine import quant_memory
+from offload_rt.engine import quant_memory, trunk_memory
 from offload_rt.model import cpu_linear
 from offload_rt.quant import fp8_memory
-from offload_rt.quant.formats import ExpertFormat
+from offload_rt.quant.formats import ExpertFormat, default_scale_dtype
 from offload_rt.quant.fp8 import Fp8Format
 
 MiB = 2**20
@@ -111,16 +111,18 @@ def _moe(s: _Shapes, cfg: ModelConfig, dtype: torch.dtype, fmt: ExpertFormat | N
 
 
 def _fp32_matrices(cfg: ModelConfig, float_experts: bool = True,
-                   dequantized: list[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+                   dequantized: list[tuple[int, int]] | None = None,
+                   trunk: str = "float") -> list[tuple[int, int]]:
     """(out, in) of every weight ``cpu_linear.linear`` may multiply with >= 16 rows of x:
-    wq, wk/wv, wo, a float expert's [w1; w3] and w2, a shared expert's matrices (the LM head
-    sees one row per forward; quantized experts run in their own kernels, or hand it
-    ``dequantized`` weight blocks: ``quant_memory.dequant_matrices``)."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    f, s = cfg.intermediate_size, cfg.shared_expert_size
+    wq, wk/wv, wo (of a float ``trunk``: an int8 one counts its own, ``trunk_memory``), a
+    float expert's [w1; w3] and w2, a shared expert's matrices (the LM head sees one row per
+    forward; quantized experts run in their own kernels, or hand it ``dequantized`` weight
+    blocks: ``quant_memory.dequant_matrices``)."""
+    h, f, s = cfg.hidden_size, cfg.intermediate_size, cfg.shared_expert_size
+    attention = trunk_memory.attention_matrices(cfg) if trunk != trunk_memory.INT8 else []
     experts = [(2 * f, h), (h, f)] if float_experts else []
     shared = [(s, h), (h, s), (1, h)] if s else []  # a shared expert: always float, resident
-    return [(q, h), (kv, h), (h, q), *experts, *shared, *(dequantized or [])]
+    return [*attention, *experts, *shared, *(dequantized or [])]
 
 
 def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
@@ -130,11 +132,12 @@ def _fp32_path(dtype: torch.dtype, device_type: str, tokens: int) -> bool:
 
 
 def _fp32_block(cfg: ModelConfig, float_experts: bool,
-                dequantized: list[tuple[int, int]] | None = None) -> tuple[int, int]:
+                dequantized: list[tuple[int, int]] | None = None,
+                trunk: str = "float") -> tuple[int, int]:
     """(bytes per token, fixed bytes) of ``cpu_linear``'s float32 path: x in float32 and one
     block's float32 product per row; the float32 copy of one weight block."""
     per_token, fixed = 0, 0
-    for out, inp in _fp32_matrices(cfg, float_experts, dequantized):
+    for out, inp in _fp32_matrices(cfg, float_experts, dequantized, trunk):
         rows = min(out, max(1, cpu_linear.FP32_BLOCK_BYTES // (F32 * inp)))
         per_token = max(per_token, F32 * (inp + rows))
         fixed = max(fixed, F32 * rows * inp)
@@ -171,7 +174,7 @@ def _math(s: _Shapes, tokens: int, keys: int) -> int:
 
 def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *,
                  device_type: str = "cpu", threads: int = 1, window: bool = False,
-                 fmt: ExpertFormat | None = None) -> int:
+                 fmt: ExpertFormat | None = None, trunk: str = "float") -> int:
     """Peak bytes one ``Transformer.forward(..., last_only=True)`` allocates on top of its
     weights and KV cache: ``tokens`` new tokens attending over ``keys`` positions.
 
@@ -183,29 +186,33 @@ def forward_peak(cfg: ModelConfig, dtype: torch.dtype, tokens: int, keys: int, *
     ``window``: a chunk running past a full sliding window, whose mask takes one more [T, S]
     (its concatenated keys and values are counted in the KV cache term).
     ``fmt``: the experts' format (None: float); quantized experts add what their kernels
-    allocate (``quant_memory``).
+    allocate (``quant_memory``). ``trunk``: "int8" adds what the int8 attention projections
+    and LM head allocate (``trunk_memory``).
     """
     s = _Shapes.of(cfg, dtype)
     float_experts = not quant_memory.quantized(fmt)
-    per_token = max(_norm(s), _attention(s), _moe(s, cfg, dtype, fmt, device_type, tokens))
-    weight_block = 0
+    attending = _attention(s) + trunk_memory.per_token(cfg, dtype, trunk, tokens)
+    per_token = max(_norm(s), attending, _moe(s, cfg, dtype, fmt, device_type, tokens))
+    weight_block = trunk_memory.fixed(cfg, dtype, trunk, tokens)
     if fmt is not None and not float_experts:
-        weight_block = quant_memory.ffn_fixed(fmt, s.h, s.f, device_type, tokens)
+        weight_block = max(weight_block, quant_memory.ffn_fixed(fmt, s.h, s.f, device_type,
+                                                                tokens))
     if _fp32_path(dtype, device_type, tokens):
         dequantized = quant_memory.dequant_matrices(fmt, s.h, s.f, tokens, device_type)
-        extra, block = _fp32_block(cfg, float_experts, dequantized)
+        extra, block = _fp32_block(cfg, float_experts, dequantized, trunk)
         per_token += extra
         weight_block = max(weight_block, block)
     scratch = 0
     if device_type == "cpu":
         attention = _flash_cpu(s, tokens, keys, threads)
-        onednn = _onednn(dtype, tokens) or _dequant_onednn(cfg, fmt, tokens)
+        onednn = _onednn(dtype, tokens) or _dequant_onednn(cfg, fmt, tokens, dtype, trunk)
         scratch = threads * ONEDNN_TORCH_SCRATCH if onednn else 0
     else:  # CUDA: a masked grouped-query prefill takes the math path; it bounds the others
         attention = _math(s, tokens, keys)
     if window:
         attention += tokens * keys
-    head = cfg.vocab_size * (s.item + F32 * s.upcast + F32)
+    head = cfg.vocab_size * (s.item + F32 * s.upcast + F32) + trunk_memory.head_bytes(
+        cfg, dtype, trunk)
     fp8 = fp8_memory.fixed_bytes(fmt, dtype)  # fp8 experts' dequantized matrix (0 otherwise)
     return tokens * per_token + attention + weight_block + head + scratch + fp8
 
@@ -216,17 +223,21 @@ def _onednn(dtype: torch.dtype, tokens: int) -> bool:
     return dtype != torch.float32 and not _fp32_path(dtype, "cpu", tokens)
 
 
-def _dequant_onednn(cfg: ModelConfig, fmt: ExpertFormat | None, tokens: int) -> bool:
-    """Whether quantized experts' dequantize + GEMM path runs oneDNN's 16-bit GEMMs on
-    ``tokens`` rows (it computes in the scale dtype, whatever the compute dtype)."""
+def _dequant_onednn(cfg: ModelConfig, fmt: ExpertFormat | None, tokens: int,
+                    dtype: torch.dtype = torch.float32, trunk: str = "float") -> bool:
+    """Whether quantized experts' or an int8 ``trunk``'s dequantize + GEMM path runs oneDNN's
+    16-bit GEMMs on ``tokens`` rows (it computes in the scale dtype, whatever the compute
+    dtype ``dtype``)."""
     blocks = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size, tokens)
-    return bool(blocks) and fmt is not None and fmt.scale_dtype is not None \
+    experts = bool(blocks) and fmt is not None and fmt.scale_dtype is not None \
         and _onednn(fmt.scale_dtype, tokens)
+    trunk_blocks = trunk_memory.dequant_blocks(cfg, dtype, trunk, tokens)
+    return experts or bool(trunk_blocks) and _onednn(default_scale_dtype(dtype), tokens)
 
 
 def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
                  device_type: str = "cpu", threads: int = 1,
-                 fmt: ExpertFormat | None = None) -> int:
+                 fmt: ExpertFormat | None = None, trunk: str = "float") -> int:
     """Bytes the GEMM libraries hold outside torch's allocator: on a CPU per thread, MKL's
     float32 packing buffers (float32 compute or ``cpu_linear``'s float32 path: at most
     ``MKL_SCRATCH_MAX``, less for small weights) or oneDNN's (bf16); on CUDA the cuBLAS and
@@ -238,31 +249,40 @@ def gemm_scratch(cfg: ModelConfig, dtype: torch.dtype, tokens: int, *,
         return onednn
     dequantized = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size,
                                                 tokens)
-    largest = max(out * inp for out, inp in
-                  _fp32_matrices(cfg, not quant_memory.quantized(fmt), dequantized))
-    both = onednn if _dequant_onednn(cfg, fmt, tokens) else 0  # float32 trunk, 16-bit experts
+    dequantized += trunk_memory.dequant_blocks(cfg, dtype, trunk, tokens)
+    largest = max((out * inp for out, inp in
+                   _fp32_matrices(cfg, not quant_memory.quantized(fmt), dequantized, trunk)),
+                  default=0)
+    # a float32 run whose quantized experts or int8 trunk multiply in 16 bits
+    both = onednn if _dequant_onednn(cfg, fmt, tokens, dtype, trunk) else 0
     return threads * min(MKL_SCRATCH_MAX, 2 * F32 * largest) + both
 
 
 def onednn_shapes(cfg: ModelConfig, dtype: torch.dtype, tokens: int,
-                  fmt: ExpertFormat | None = None) -> int:
+                  fmt: ExpertFormat | None = None, trunk: str = "float") -> int:
     """Bytes oneDNN keeps for every GEMM shape a session can run (``ONEDNN_PER_SHAPE`` per
     distinct weight shape x padded row count ``cpu_linear.row_bucket`` up to ``tokens``; the LM
     head sees one row): 0 unless bf16 runs in oneDNN's kernels (a CPU with bf16
     instructions). Quantized experts' dequantized weight blocks count from their row
-    threshold on, when their scale dtype is bf16, whatever the compute dtype."""
+    threshold on, when their scale dtype is bf16, whatever the compute dtype; so do an int8
+    ``trunk``'s attention projections (``trunk_memory.dequant_blocks``)."""
     if not cpu_linear.native_bf16():
         return 0
     shapes = 0
     if dtype == torch.bfloat16:
         buckets = len({cpu_linear.row_bucket(rows) for rows in range(1, tokens + 1)})
-        weights = set(_fp32_matrices(cfg, not quant_memory.quantized(fmt)))
+        weights = set(_fp32_matrices(cfg, not quant_memory.quantized(fmt), trunk=trunk))
         weights.add((cfg.num_experts, cfg.hidden_size))  # the router
         shapes += buckets * len(weights) + 1
     blocks = quant_memory.dequant_matrices(fmt, cfg.hidden_size, cfg.intermediate_size, tokens)
     if blocks and fmt is not None and fmt.scale_dtype == torch.bfloat16:
         low = quant_memory.dequant_min_rows(fmt)
         shapes += len(blocks) * len({cpu_linear.row_bucket(r) for r in range(low, tokens + 1)})
+    trunk_blocks = trunk_memory.dequant_blocks(cfg, dtype, trunk, tokens)
+    if trunk_blocks and default_scale_dtype(dtype) == torch.bfloat16:
+        low = trunk_memory.dequant_min_rows(cfg)
+        shapes += len(trunk_blocks) * len({cpu_linear.row_bucket(r)
+                                           for r in range(low, tokens + 1)})
     return ONEDNN_PER_SHAPE * shapes
 
 
@@ -290,7 +310,7 @@ def reader_bytes(cfg: ModelConfig, dtype: torch.dtype, file_dtype: torch.dtype |
 def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
                kv_positions: int | None = None, device_type: str = "cpu",
                file_dtype: torch.dtype | None = None, threads: int | None = None,
-               fmt: ExpertFormat | None = None) -> int:
+               fmt: ExpertFormat | None = None, trunk: str = "float") -> int:
     """The ``work`` term of the device budget for a context of ``max_seq_len`` positions
     prefilled ``chunk`` tokens at a time; ``kv_positions``: the KV cache's capacity when a
     sliding window makes it smaller than the context.
@@ -302,7 +322,8 @@ def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: in
     (``reader_bytes``). ``threads``: torch's intra-op threads (default:
     ``torch.get_num_threads()`` now), each owning an attention block and GEMM buffers.
     ``fmt``: the experts' format (None: float in ``dtype``); ``file_dtype``: the dtype the
-    experts are stored in (uint8 for a quantized folder's records).
+    experts are stored in (uint8 for a quantized folder's records); ``trunk``: the trunk's
+    format ("float", or "int8": ``trunk_memory``).
     """
     tokens = min(chunk, max_seq_len)
     held = max_seq_len if kv_positions is None else min(kv_positions, max_seq_len)
@@ -310,8 +331,9 @@ def work_bytes(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: in
     keys = min(max_seq_len, held + tokens) if window else held
     threads = torch.get_num_threads() if threads is None else threads
     peak = forward_peak(cfg, dtype, tokens, keys, device_type=device_type, threads=threads,
-                        window=window, fmt=fmt)
-    peak += gemm_scratch(cfg, dtype, tokens, device_type=device_type, threads=threads, fmt=fmt)
+                        window=window, fmt=fmt, trunk=trunk)
+    peak += gemm_scratch(cfg, dtype, tokens, device_type=device_type, threads=threads, fmt=fmt,
+                         trunk=trunk)
     margin = peak // MARGIN_FRACTION + MARGIN_BYTES
     tables = 2 * F32 * max_seq_len * cfg.head_dim
     work = peak + margin + tables + ALIGN

@@ -1,15 +1,21 @@
 """Materialize the trunk from a checkpoint: modules built on ``meta``, weights assigned from the
-files, so no second copy of the model ever exists in RAM."""
+files, so no second copy of the model ever exists in RAM; with ``trunk="int8"`` the attention
+projections and LM head quantized tensor by tensor as they are read."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from offload_rt.checkpoint import Checkpoint
+from offload_rt.model.int8_linear import quantize_rows, use_int8_linears
 from offload_rt.model.transformer import Transformer
-from offload_rt.tensor_names import trunk_shapes
+from offload_rt.quant.formats import default_scale_dtype
+from offload_rt.tensor_names import int8_trunk_shapes, trunk_shapes
+
+log = logging.getLogger(__name__)
 
 # Canonical layer part -> its parameter in ``Block`` (the rest: ``<part>.weight``).
 _PARAMETERS = {
@@ -32,13 +38,28 @@ Progress = Callable[[int, int], None]  # (done, total) tensors or experts
 
 
 def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str,
-                progress: Progress | None = None) -> Transformer:
-    """The resident part of the model (everything but experts), in ``dtype`` on ``device``."""
+                progress: Progress | None = None, trunk: str = "float") -> Transformer:
+    """The resident part of the model (everything but experts), in ``dtype`` on ``device``.
+
+    ``trunk="int8"``: the matrices ``tensor_names.int8_trunk_shapes`` names become
+    ``Int8Linear``s (scales in ``default_scale_dtype(dtype)``), each quantized as it is read and
+    its float copy dropped, so the float trunk is never whole in memory: at most one float
+    tensor and one block's temporaries (``int8_linear.quantize_rows``) beside what is built.
+    """
     model = Transformer(ckpt.config, device="meta")
+    quantized = _int8_matrices(ckpt, model, dtype) if trunk == "int8" else set()
+    scale_dtype = default_scale_dtype(dtype)
     names = list(trunk_shapes(ckpt.config))
     state = {}
     for i, canonical in enumerate(names):
-        state[parameter_name(canonical)] = ckpt.read(canonical, dtype).to(device)
+        tensor = ckpt.read(canonical, dtype)
+        if canonical in quantized:
+            module = parameter_name(canonical).removesuffix(".weight")
+            q, scale = quantize_rows(tensor, scale_dtype)
+            state[f"{module}.weight"], state[f"{module}.scale"] = q.to(device), scale.to(device)
+        else:
+            state[parameter_name(canonical)] = tensor.to(device)
+        del tensor
         if progress is not None:
             progress(i + 1, len(names))
     if ckpt.config.tie_word_embeddings:
@@ -46,3 +67,13 @@ def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
+
+def _int8_matrices(ckpt: Checkpoint, model: Transformer, dtype: torch.dtype) -> set[str]:
+    """Swap ``model``'s int8 trunk matrices (on ``meta``) for ``Int8Linear``s; their names."""
+    quantized = set(int8_trunk_shapes(ckpt.config))
+    if ckpt.config.tie_word_embeddings:
+        log.info("%s: the LM head is tied to the embeddings (tie_word_embeddings), so it stays "
+                 "in %s with --trunk int8", ckpt.model_dir, str(dtype).removeprefix("torch."))
+    use_int8_linears(model, [parameter_name(c).removesuffix(".weight") for c in quantized],
+                     default_scale_dtype(dtype))
+    return quantized
