@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint, make_quantized_checkpoint
-from test_work_memory import _config, assert_estimate_bounds, peak_allocated
+from test_work_memory import (
+    _config,
+    assert_estimate_bounds,
+    assert_generation_within_work,
+    peak_allocated,
+)
 
 import offload_rt
 from cache_policies import ExpertKey
@@ -188,14 +193,7 @@ def test_quantizing_reader_peak_is_bounded(tmp_path: Path, monkeypatch: pytest.M
 def test_generation_quantizing_at_load_peaks_within_the_work_term(experts: str) -> None:
     """The demo model offloaded with its experts quantized as they are read (prefetch off: the
     profiler sees the calling thread only), chunked prefill, sampled tokens."""
-    with offload_rt.load(experts=experts, prefill_chunk=16, prefetch=0) as rt:
-        prompt = torch.randint(3, rt.config.vocab_size, (40,),
-                               generator=torch.Generator().manual_seed(2)).tolist()
-        measured = peak_allocated(lambda: rt.generate(prompt, max_new_tokens=8, temperature=0.8,
-                                                      top_p=0.9, seed=3))
-        work = rt.plan.footprint.work
-        assert rt.offloaded and rt.stats.misses > 0
-    assert measured <= work <= 2 * measured + 4 * MiB, f"{measured=} {work=}"
+    assert_generation_within_work(experts=experts, prefill_chunk=16, prefetch=0)
 
 
 def test_footprint_counts_records() -> None:

@@ -16,9 +16,14 @@ import torch
 from checkpoint_factory import TinySpec, make_hf_checkpoint
 from test_quant_budget import _quantized_model
 from test_rss_budget import RSS_ALLOWANCE, write_big_checkpoint
-from test_work_memory import _config, _model, assert_estimate_bounds, peak_allocated
+from test_work_memory import (
+    _config,
+    _model,
+    assert_estimate_bounds,
+    assert_generation_within_work,
+    peak_allocated,
+)
 
-import offload_rt
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine import trunk_memory, work_memory
 from offload_rt.model import cpu_linear
@@ -89,14 +94,7 @@ def test_forward_peak_bounds_an_int8_trunk(name: str, fp32_path: bool,
 def test_generation_peaks_within_the_work_term() -> None:
     """The demo model offloaded with an int8 trunk, a 40-token prompt in 32-token chunks (the
     dequantize path) then 8 decode steps (the kernel): within ``work``, and close to it."""
-    with offload_rt.load(trunk="int8", prefill_chunk=32, prefetch=0) as rt:
-        prompt = torch.randint(3, rt.config.vocab_size, (40,),
-                               generator=torch.Generator().manual_seed(2)).tolist()
-        measured = peak_allocated(lambda: rt.generate(prompt, max_new_tokens=8, temperature=0.8,
-                                                      top_p=0.9, seed=3))
-        work = rt.plan.footprint.work
-        assert rt.offloaded and rt.stats.misses > 0
-    assert measured <= work <= 2 * measured + 4 * MiB, f"{measured=} {work=}"
+    assert_generation_within_work(trunk="int8", prefill_chunk=32, prefetch=0)
 
 
 LOAD_SPEC = TinySpec(num_layers=8, hidden_size=256, intermediate_size=32, num_heads=8,

@@ -156,7 +156,14 @@ def test_generation_peaks_within_the_work_term(dtype: str | None) -> None:
     ``work`` is close to it (the constant: library buffers torch's allocator does not see,
     rotary tables, sampler, expert-read bounce buffers, margin: 4 MiB). Prefetch is off: the
     profiler records the calling thread only, so every expert read happens in it."""
-    with offload_rt.load(dtype=dtype, prefill_chunk=16, prefetch=0) as rt:
+    assert_generation_within_work(dtype=dtype, prefill_chunk=16, prefetch=0)
+
+
+def assert_generation_within_work(**options: object) -> None:
+    """The demo model loaded with ``options`` (offloaded; prefetch off, so every read is on the
+    profiled calling thread): a 40-token prompt and 8 sampled tokens peak within the work term,
+    and the term is close to the peak."""
+    with offload_rt.load(**options) as rt:  # type: ignore[arg-type]
         prompt = torch.randint(3, rt.config.vocab_size, (40,),
                                generator=torch.Generator().manual_seed(2)).tolist()
         measured = peak_allocated(lambda: rt.generate(prompt, max_new_tokens=8, temperature=0.8,
