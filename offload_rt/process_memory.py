@@ -10,6 +10,8 @@ tens of MiB of library code pages and buffers first touched by the model's kerne
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import resource
 import sys
 from pathlib import Path
@@ -48,3 +50,22 @@ def process_baseline_rss() -> int:
 
     (torch.ones(8) + 1).sum()
     return rss_bytes()
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed to the C allocator back to the OS (glibc's ``malloc_trim(0)``; a no-op
+    elsewhere). glibc keeps freed heap memory for reuse, so a load that frees a float tensor
+    after quantizing it would otherwise still hold its pages in RSS when the next is read."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():  # type: ignore[no-untyped-def]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

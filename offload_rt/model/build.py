@@ -12,6 +12,7 @@ import torch
 from offload_rt.checkpoint import Checkpoint
 from offload_rt.model.int8_linear import quantize_rows, use_int8_linears
 from offload_rt.model.transformer import Transformer
+from offload_rt.process_memory import release_freed_memory
 from offload_rt.quant.formats import default_scale_dtype
 from offload_rt.tensor_names import int8_trunk_shapes, trunk_shapes
 
@@ -57,9 +58,11 @@ def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
             module = parameter_name(canonical).removesuffix(".weight")
             q, scale = quantize_rows(tensor, scale_dtype)
             state[f"{module}.weight"], state[f"{module}.scale"] = q.to(device), scale.to(device)
+            del tensor
+            release_freed_memory()  # the float copy's pages, not only its allocation
         else:
             state[parameter_name(canonical)] = tensor.to(device)
-        del tensor
+            del tensor
         if progress is not None:
             progress(i + 1, len(names))
     if ckpt.config.tie_word_embeddings:
