@@ -143,25 +143,16 @@ def test_sentencepiece_folder_with_a_template(folders: dict[str, Path], tmp_path
             add_generation_prompt=not continued)
 
 
-def test_named_templates_list_uses_default(tokenizer_files: dict[str, Path],
-                                           tmp_path: Path) -> None:
-    named = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": QWEN2}]
+@pytest.mark.parametrize("named", [
+    [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": QWEN2}],
+    # break-it: {"name": template} (the form transformers holds the list in, and renders from
+    # the file too) was refused, and with it even raw prompts
+    {"tool_use": "TOOLS", "default": QWEN2},
+], ids=["list", "object"])
+def test_named_templates_use_default(tokenizer_files: dict[str, Path], tmp_path: Path,
+                                     named: object) -> None:
     folder = write_tokenizer_folder(tmp_path, byte_level_bpe(), special=QWEN_SPECIAL,
                                     chat_template=named)
-    tok = Tokenizer.from_model_dir(folder)
-    ref = PreTrainedTokenizerFast.from_pretrained(folder)
-    messages = CONVERSATIONS["system"]
-    assert encode_messages(tok, messages) == ref.apply_chat_template(
-        messages, return_dict=False, add_generation_prompt=True)
-    assert "template 'default'" in tok.chat_template.origin  # type: ignore[union-attr]
-
-
-def test_named_templates_as_an_object_use_default(tokenizer_files: dict[str, Path],
-                                                  tmp_path: Path) -> None:
-    """Break-it: {"name": template} (the form transformers holds the list in, and renders from
-    the file too) was refused, and with it even raw prompts."""
-    folder = write_tokenizer_folder(tmp_path, byte_level_bpe(), special=QWEN_SPECIAL,
-                                    chat_template={"tool_use": "TOOLS", "default": QWEN2})
     tok = Tokenizer.from_model_dir(folder)
     ref = PreTrainedTokenizerFast.from_pretrained(folder)
     messages = CONVERSATIONS["system"]
