@@ -19,7 +19,8 @@ logits at every position), every expert resident, in the model's compute dtype (
   and greedy agreement over 64 tokens from seeded random prompts.
 
 Formats (``FORMATS``): the float file (bf16), int8, int4 with groups of 32 / 64 / 128, each
-quantized as it is read (``experts=``); fp8 is not implemented (a row marked so).
+quantized as it is read (``experts=``), and fp8: a folder written by ``offload-rt quantize
+--experts fp8`` into ``--scratch`` (fp8 is not quantized at load), run as its own format.
 ``--trunk-int8 bf16,int4 g128`` adds a row "<format> + int8 trunk" for each format named:
 the same experts with the attention projections and LM head in int8 (``trunk="int8"``). ``--check-
 folders`` also writes each quantized format with ``offload-rt quantize`` and checks that the
@@ -43,9 +44,10 @@ import quant_quality_metrics as metrics
 FORMATS = {"bf16": {}, "int8": {"experts": "int8"},
            "int4 g32": {"experts": "int4", "group_size": 32},
            "int4 g64": {"experts": "int4", "group_size": 64},
-           "int4 g128": {"experts": "int4", "group_size": 128}}
+           "int4 g128": {"experts": "int4", "group_size": 128},
+           "fp8": {"written": "fp8"}}  # offload-rt quantize --experts fp8, then its folder
 TRUNK_INT8 = " + int8 trunk"  # the suffix of a --trunk-int8 row
-NOT_MEASURED = {"fp8": "not measured: fp8 experts are not implemented in offload_rt yet"}
+NOT_MEASURED: dict[str, str] = {}
 PROMPTS: list[metrics.Prompt] = [
     "Once upon a time", "The Python interpreter", "A hacker is", "Computers are",
     "The best way to", "In the beginning", ("chat", "Tell me a joke."),
@@ -86,6 +88,7 @@ def run_demo(val: Path, formats: dict[str, dict], check_folders: bool, scratch: 
 
     model_dir = demo_model_dir()
     formats, skipped = fitting(model_dir, formats)
+    formats = written_folders(model_dir, formats, scratch)
     wins = demo_windows(val, model_dir / "tokenizer.model")
     f32 = metrics.windows_perplexity(model_dir, {"dtype": "float32"}, wins)
     rows = metrics.compare_on_windows(model_dir, formats, wins)
@@ -104,6 +107,7 @@ def run_demo(val: Path, formats: dict[str, dict], check_folders: bool, scratch: 
 def run_small(model_dir: Path, formats: dict[str, dict], prompts: int, check_folders: bool,
               scratch: Path, new_tokens: int = NEW_TOKENS) -> dict:
     formats, skipped = fitting(model_dir, formats)
+    formats = written_folders(model_dir, formats, scratch)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     starts = [torch.randint(3, vocab, (16,), generator=gen).tolist() for _ in range(prompts)]
@@ -120,6 +124,20 @@ def run_small(model_dir: Path, formats: dict[str, dict], prompts: int, check_fol
     return out
 
 
+def written_folders(model_dir: Path, formats: dict[str, dict], scratch: Path
+                    ) -> dict[str, dict]:
+    """``formats`` with each ``{"written": F}`` row replaced by the folder ``offload-rt
+    quantize --experts F`` writes into ``scratch`` (``{"model_dir": ...}``: run as it is)."""
+    out = {}
+    for name, opts in formats.items():
+        if "written" in opts:
+            folder = scratch / f"{model_dir.name}-{opts['written']}"
+            seconds = metrics.quantize_folder(model_dir, {"experts": opts["written"]}, folder)
+            opts = {"model_dir": str(folder), "quantize_s": seconds}
+        out[name] = opts
+    return out
+
+
 def with_int8_trunk(formats: dict[str, dict], names: list[str]) -> dict[str, dict]:
     """``formats`` plus, for each of ``names``, its row with the trunk in int8."""
     unknown = sorted(set(names) - set(FORMATS))
@@ -131,7 +149,8 @@ def with_int8_trunk(formats: dict[str, dict], names: list[str]) -> dict[str, dic
 
 
 def float_trunk(formats: dict[str, dict]) -> dict[str, dict]:
-    """The rows whose trunk is float (what ``--check-folders`` compares with a folder)."""
+    """The rows whose trunk is float (what ``--check-folders`` compares with a folder; a row
+    that is a folder already, fp8, has nothing to compare with)."""
     return {k: v for k, v in formats.items() if "trunk" not in v}
 
 

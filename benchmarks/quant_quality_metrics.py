@@ -1,7 +1,8 @@
 """The measurements of ``quant_quality.py``: scored windows, format against bf16, greedy runs.
 
 Every run loads the model resident (``offload=False``) in bfloat16 unless told otherwise;
-``opts`` are ``offload_rt.load`` options (``experts``, ``group_size``, ``dtype``).
+``opts`` are ``offload_rt.load`` options (``experts``, ``group_size``, ``dtype``), or
+``model_dir``: another folder to load instead (one ``offload-rt quantize`` wrote: fp8).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ GREEDY_CONTEXT = 512  # max_seq_len of greedy runs: any prompt here + its new to
 
 
 def load(model_dir: Path, opts: dict, max_seq_len: int) -> offload_rt.Runtime:
-    return offload_rt.load(model_dir, offload=False, max_seq_len=max_seq_len,
-                           **{"dtype": "bfloat16", **opts})
+    options = {k: v for k, v in opts.items() if k not in ("model_dir", "quantize_s")}
+    return offload_rt.load(opts.get("model_dir", model_dir), offload=False,
+                           max_seq_len=max_seq_len, **{"dtype": "bfloat16", **options})
 
 
 def window_logits(rt: offload_rt.Runtime, ids: torch.Tensor) -> torch.Tensor:

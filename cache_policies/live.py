@@ -19,7 +19,8 @@ from cache_policies.trace import Trace
 
 
 def live_check(trace: Trace, label: str = "") -> dict[str, Any] | None:
-    """``{"trace", "policy", "pool", "pool_slots", "prefetch", "measured": {hits, misses,
+    """``{"trace", "policy", "pool", "pool_slots", "pool_capacities" (each layer's pool when
+    they differ, else None), "prefetch", "measured": {hits, misses,
     per_sequence}, "replayed": {...}, "exact": bool, "expected_exact": bool}``, or None when
     the header lacks the run's settings or measurements (a resident run, a synthetic trace).
     ``"error"`` replaces ``"replayed"`` when the run's policy cannot be built here."""
@@ -29,11 +30,12 @@ def live_check(trace: Trace, label: str = "") -> dict[str, Any] | None:
             any(not isinstance(m, dict) for m in measured):
         return None
     out: dict[str, Any] = {"trace": label, "policy": h.policy, "pool": h.pool,
-                           "pool_slots": h.capacity, "prefetch": h.prefetch,
+                           "pool_slots": h.capacity, "pool_capacities": h.pool_capacities,
+                           "prefetch": h.prefetch,
                            "measured": _totals([(m["hits"], m["misses"]) for m in measured]),
                            "expected_exact": h.prefetch == 0}
     try:
-        sim = replay(trace, lambda: make_policy(h.policy), h.capacity,
+        sim = replay(trace, lambda: make_policy(h.policy), h.pool_capacities or h.capacity,
                      per_layer=h.pool == "layer", prefetch=h.prefetch > 0).sim
     except (ValueError, PolicyHookError) as exc:
         out["error"] = f"cannot replay policy {h.policy!r} here: {exc}"
@@ -56,6 +58,8 @@ def _totals(per_seq: list[tuple[int, int]]) -> dict[str, Any]:
 def live_note(check: dict[str, Any]) -> str:
     """One line for the table's notes."""
     size = f"{check['pool_slots']} {'per layer' if check['pool'] == 'layer' else 'total'}"
+    if check.get("pool_capacities"):
+        size = f"{min(check['pool_capacities'])}-{max(check['pool_capacities'])} per layer"
     m = check["measured"]
     head = (f"{check['trace'] or 'trace'}: the recorded run ({check['policy']}, {size}, "
             f"prefetch {check['prefetch']}) measured {m['hits']} hits / {m['misses']} misses")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from cache_policies.base import CachePolicy, require_candidates
+from cache_policies.capacity import pool_size
 from cache_policies.keys import ExpertKey
 from cache_policies.replay import ReplayResult, _Replayer
 from cache_policies.segments import Segment, trace_segments
@@ -131,7 +132,7 @@ class _FreeLoads(_Replayer):
         use = self.timeline.priority(key)
         if use == _NEVER:
             return False  # never used again, or a later chance loads it just as well
-        if len(resident) < self.capacity:
+        if len(resident) < pool_size(self.capacity, key.layer):
             return True
         victim = policy.choose_victim(list(resident), self.now)
         return use < self.timeline.priority(victim)

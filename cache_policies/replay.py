@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cache_policies.base import CachePolicy
+from cache_policies.capacity import Capacity, check_capacity, pool_size
 from cache_policies.keys import ExpertKey
 from cache_policies.policy_errors import build, raised_in
 from cache_policies.segments import Segment, segment_steps, trace_segments
@@ -48,10 +49,11 @@ class ReplayResult:
     prefetch_wasted: int = 0  # prefetched keys evicted unused
 
 
-def replay(trace: Trace, policy_factory: Callable[[], CachePolicy], capacity: int, *,
+def replay(trace: Trace, policy_factory: Callable[[], CachePolicy], capacity: Capacity, *,
            per_layer: bool = True, predictions: bool = True, prefetch: bool = False,
            segments: Sequence[Segment] | None = None) -> ReplayResult:
-    """Replay ``trace`` through pools of ``capacity`` slots (per layer, or one global pool).
+    """Replay ``trace`` through pools of ``capacity`` slots (per layer, or one global pool;
+    a sequence: layer l's pool of ``capacity[l]``, per-layer pools only).
 
     Groups are split at ``capacity`` keys, as the runtime's ``max_group`` is its pool capacity,
     and a group's keys are pinned together while it is acquired. ``predictions``: feed the
@@ -67,8 +69,7 @@ def replay(trace: Trace, policy_factory: Callable[[], CachePolicy], capacity: in
         return ReplayResult(simulate(trace.access_steps(capacity), policy_factory, capacity,
                                      per_layer=per_layer, num_layers=num_layers,
                                      segments=segment_steps(trace, segments, capacity)))
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    capacity = check_capacity(capacity, per_layer, num_layers)
     return _Replayer(policy_factory, capacity, per_layer, num_layers).run(
         trace.records, predictions, prefetch, [s.records for s in segments])
 
@@ -80,8 +81,8 @@ def _uses_predictions(policy_factory: Callable[[], CachePolicy]) -> bool:
 class _Replayer:
     """The simulator's loop with prediction and prefetch hooks between records."""
 
-    def __init__(self, factory: Callable[[], CachePolicy], capacity: int, per_layer: bool,
-                 num_layers: int) -> None:
+    def __init__(self, factory: Callable[[], CachePolicy], capacity: int | tuple[int, ...],
+                 per_layer: bool, num_layers: int) -> None:
         shared = None if per_layer else ({}, build(factory))
         self.pools: dict[int, Pool] = {}
         for layer in range(num_layers):
@@ -145,9 +146,9 @@ class _Replayer:
                 self.useful += 1
         else:
             counts[1] += 1
-            if not self._make_room(resident, policy, pinned):
+            if not self._make_room(resident, policy, pinned, key.layer):
                 raise ValueError(f"access {self.now}: no evictable slot for {key} "
-                                 f"(capacity={self.capacity})")
+                                 f"(capacity={pool_size(self.capacity, key.layer)})")
             resident[key] = None
             self._hook(policy, "on_insert", key)
         try:  # inline, not _hook: once per access
@@ -160,7 +161,7 @@ class _Replayer:
         resident, policy, _ = self.pools[key.layer]
         if key in resident or not self._admit(key, resident, policy, protected):
             return
-        if not self._make_room(resident, policy, protected):
+        if not self._make_room(resident, policy, protected, key.layer):
             return  # nothing may go: the runtime's prefetcher gives up too
         resident[key] = None
         self._hook(policy, "on_insert", key)
@@ -174,8 +175,9 @@ class _Replayer:
         return True
 
     def _make_room(self, resident: dict[ExpertKey, None], policy: CachePolicy,
-                   keep: Sequence[ExpertKey] | frozenset[ExpertKey]) -> bool:
-        if len(resident) < self.capacity:
+                   keep: Sequence[ExpertKey] | frozenset[ExpertKey], layer: int) -> bool:
+        """Whether ``layer``'s pool has or made (by an eviction) room for one more key."""
+        if len(resident) < pool_size(self.capacity, layer):
             return True
         view = self.view
         view.resident, view.pinned = resident, keep  # type: ignore[assignment]

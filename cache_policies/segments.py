@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cache_policies.capacity import Capacity
 from cache_policies.trace import Record, Trace
 
 PREFILL, DECODE = "prefill", "decode"
@@ -64,7 +65,8 @@ def trace_segments(trace: Trace) -> list[Segment]:
     return out
 
 
-def segment_steps(trace: Trace, segments: Sequence[Segment], max_group: int | None) -> list[int]:
+def segment_steps(trace: Trace, segments: Sequence[Segment], max_group: Capacity | None
+                  ) -> list[int]:
     """Simulator steps per segment for groups of at most ``max_group`` keys
     (``Trace.access_steps(max_group)`` cut into the segments)."""
     out, start = [], 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import overload
 
 from cache_policies.base import CachePolicy
+from cache_policies.capacity import Capacity, check_capacity, check_steps_fit
 from cache_policies.keys import ExpertKey
 from cache_policies.policy_errors import bad_victim, build, raised_in
 
@@ -40,12 +41,13 @@ class SimResult:
     hit_rate: float  # hits / accesses, 0.0 for an empty trace
     layer_hits: dict[int, int]
     layer_misses: dict[int, int]
-    capacity: int  # slots per pool: per layer when per_layer, else in total
+    capacity: int  # slots per pool: per layer when per_layer (the smallest), else in total
     per_layer: bool
     policy: str  # the policy's name
     # Per segment (consecutive runs of steps given to ``simulate``), in order; () = not asked.
     segment_hits: tuple[int, ...] = ()
     segment_misses: tuple[int, ...] = ()
+    capacities: tuple[int, ...] = ()  # each layer's pool when they differ; () = all ``capacity``
 
 
 class _Evictable(Sequence[ExpertKey]):
@@ -96,7 +98,7 @@ def flatten(accesses: Sequence[Sequence[ExpertKey]]) -> list[ExpertKey]:
 def simulate(
     accesses: Sequence[Sequence[ExpertKey]],
     policy_factory: PolicyFactory,
-    capacity: int,
+    capacity: Capacity,
     *,
     per_layer: bool = True,
     num_layers: int | None = None,
@@ -105,7 +107,8 @@ def simulate(
     """Replay ``accesses`` through pools of ``capacity`` slots, one policy instance per pool.
 
     ``per_layer``: one pool (and one ``policy_factory()`` instance) per layer, each of
-    ``capacity`` slots, as when every layer has its own slot budget; otherwise one global pool.
+    ``capacity`` slots (or layer l's pool of ``capacity[l]``: ``check_capacity``), as when
+    every layer has its own slot budget; otherwise one global pool.
     ``num_layers``: when given, keys must have ``0 <= layer < num_layers`` and the per-layer
     dicts list every layer, used or not.
     ``segments``: numbers of consecutive steps (summing to ``len(accesses)``) whose hits and
@@ -116,9 +119,10 @@ def simulate(
     ``PolicyHookError`` naming the policy class and hook when the policy raises (its own
     exception chained) or chooses a victim that is not a candidate.
     """
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    _check_steps_fit(accesses, capacity, per_layer)
+    capacity = check_capacity(capacity, per_layer, num_layers)
+    if num_layers is None and not isinstance(capacity, int):
+        num_layers = len(capacity)  # a key of another layer has no pool size: refused
+    check_steps_fit(accesses, capacity, per_layer)
     shared: tuple[dict[ExpertKey, None], CachePolicy] | None = None
     if not per_layer:
         shared = ({}, build(policy_factory))
@@ -173,7 +177,7 @@ def _replay(
     accesses: Sequence[Sequence[ExpertKey]],
     pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
     add_layer: Callable[[int], tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
-    capacity: int,
+    capacity: int | tuple[int, ...],
     now: int = 0,
 ) -> int:
     """The hot loop from access ``now`` on; returns the number of accesses replayed by its end.
@@ -193,7 +197,8 @@ def _replay(
                     raise raised_in(policy, "on_access", (key, now), now, exc) from exc
             else:
                 counts[1] += 1
-                if len(resident) >= capacity:  # inlined evict(): this loop is the hot path
+                full = capacity if type(capacity) is int else capacity[key[0]]
+                if len(resident) >= full:  # inlined evict(): this loop is the hot path
                     candidates.resident = resident
                     candidates.pinned = step
                     try:
@@ -246,36 +251,10 @@ def evict(policy: CachePolicy, candidates: _Evictable, now: int) -> ExpertKey:
     return victim
 
 
-def _check_steps_fit(
-    accesses: Sequence[Sequence[ExpertKey]], capacity: int, per_layer: bool
-) -> None:
-    """Every step's distinct keys of one pool must fit in that pool (they are pinned together)."""
-    if not accesses or max(map(len, accesses)) <= capacity:
-        return  # the common case, checked at C speed
-    for index, step in enumerate(accesses):
-        if len(step) <= capacity:
-            continue
-        for pool, needed in _distinct_per_pool(step, per_layer):
-            if needed > capacity:
-                where = f"layer {pool}'s pool" if per_layer else "the pool"
-                raise ValueError(
-                    f"step {index} needs {needed} distinct experts of {where} at once, more "
-                    f"than capacity={capacity}; capacity must be >= the largest step"
-                )
-
-
-def _distinct_per_pool(step: Sequence[ExpertKey], per_layer: bool) -> Iterator[tuple[int, int]]:
-    by_pool: dict[int, set[ExpertKey]] = {}
-    for key in step:
-        by_pool.setdefault(key[0] if per_layer else 0, set()).add(key)
-    for pool, keys in by_pool.items():
-        yield pool, len(keys)
-
-
 def _result(
     pools: dict[int, tuple[dict[ExpertKey, None], CachePolicy, list[int]]],
     accesses: int,
-    capacity: int,
+    capacity: int | Sequence[int],
     per_layer: bool,
     shared: tuple[dict[ExpertKey, None], CachePolicy] | None,
 ) -> SimResult:
@@ -290,7 +269,8 @@ def _result(
         hit_rate=hits / accesses if accesses else 0.0,
         layer_hits=layer_hits,
         layer_misses=layer_misses,
-        capacity=capacity,
+        capacity=capacity if isinstance(capacity, int) else min(capacity),
         per_layer=per_layer,
         policy=getattr(any_policy, "name", "") if any_policy is not None else "",
+        capacities=() if isinstance(capacity, int) else tuple(capacity),
     )

@@ -18,6 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cache_policies.capacity import Capacity, pool_size
 from cache_policies.keys import ExpertKey
 from cache_policies.trace_checks import (
     FieldError,
@@ -44,7 +45,7 @@ class TraceHeader:
     model: dict[str, Any] = field(default_factory=dict)  # the model's config, as recorded
     expert_bytes: int | None = None  # one packed expert in the compute dtype
     policy: str | None = None  # the runtime's eviction policy
-    capacity: int | None = None  # slots of one device pool
+    capacity: int | None = None  # slots of one device pool (the smallest, when they differ)
     pool: str | None = None  # "layer" (a pool per layer) or "global"
     max_group: int | None = None  # experts the runtime pinned at once (the pool capacity)
     prefetch: int = 0  # layers predicted ahead (0: no predictions recorded)
@@ -52,6 +53,7 @@ class TraceHeader:
     prompt_source: str | None = None  # free text: where the prompts came from
     sequences: list[dict[str, Any]] = field(default_factory=list)  # per generate call
     metadata: dict[str, Any] = field(default_factory=dict)  # anything else the recorder adds
+    pool_capacities: list[int] | None = None  # each layer's pool when they differ; None: same
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,12 @@ class Record:
             e for token in self.experts for e in token}
         return tuple(ExpertKey(self.layer, e) for e in sorted(set(experts)))
 
-    def groups(self, max_group: int | None = None) -> list[list[ExpertKey]]:
-        """``used()`` as the runtime acquires it: in groups of at most ``max_group`` keys."""
+    def groups(self, max_group: Capacity | None = None) -> list[list[ExpertKey]]:
+        """``used()`` as the runtime acquires it: in groups of at most ``max_group`` keys (a
+        sequence: ``max_group[layer]``, the size of this record's layer's pool)."""
         keys = self._keys
+        if max_group is not None:
+            max_group = pool_size(max_group, self.layer)
         if not keys:
             return []
         if not max_group or len(keys) <= max_group:
@@ -107,11 +112,12 @@ class Trace:
     header: TraceHeader
     records: list[Record] = field(default_factory=list)
 
-    def access_steps(self, max_group: int | None = None) -> list[list[ExpertKey]]:
+    def access_steps(self, max_group: Capacity | None = None) -> list[list[ExpertKey]]:
         """The runtime's acquisitions, one simulator step per pinned group.
 
         For each forward call, layer by layer, the call's distinct experts in ascending order,
-        split into groups of at most ``max_group`` (the pool's capacity; None = no split).
+        split into groups of at most ``max_group`` (the pool's capacity, or each layer's pool's
+        in layer order; None = no split).
         """
         return [group for record in self.records for group in record.groups(max_group)]
 

@@ -32,7 +32,8 @@ def header_problem(obj: Mapping[str, Any]) -> str | None:
     """Why the header's shape fields cannot describe a model, or None when they can.
 
     ``num_layers``, ``num_experts`` >= 1; ``top_k`` in 1..num_experts; ``expert_bytes`` >= 1
-    when present (None or absent: unknown). Each message reads ``header field 'NAME' ...``.
+    when present (None or absent: unknown); ``pool_capacities`` one integer >= 1 per layer
+    when present. Each message reads ``header field 'NAME' ...``.
     """
     rules: list[tuple[str, int, int | None, str]] = [
         ("num_layers", 1, None, ""), ("num_experts", 1, None, "")]
@@ -46,7 +47,17 @@ def header_problem(obj: Mapping[str, Any]) -> str | None:
             continue
         bound = f"between {low} and {high_name} ({high})" if high is not None else f">= {low}"
         return f"header field {name!r} must be an integer {bound}, got {value!r}"
-    return None
+    return _pool_capacities_problem(obj)
+
+
+def _pool_capacities_problem(obj: Mapping[str, Any]) -> str | None:
+    """``pool_capacities``, when present: one integer >= 1 per layer."""
+    sizes = obj.get("pool_capacities")
+    if sizes is None or (isinstance(sizes, list) and len(sizes) == obj["num_layers"]
+                         and all(is_int(v) and v >= 1 for v in sizes)):
+        return None
+    return (f"header field 'pool_capacities' must be a list of {obj['num_layers']} integers "
+            f">= 1 (one per layer) or null, got {sizes!r}")
 
 
 def record_object(obj: object) -> Mapping[str, Any]:

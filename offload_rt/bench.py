@@ -48,7 +48,8 @@ def bench_prompt(vocab_size: int, tokens: int, seed: int) -> list[int]:
     return torch.randint(low, vocab_size, (tokens,), generator=gen).tolist()
 
 
-ENGINE_FIGURES = ("hit_rate", "loads_per_token", "prefetch_useful_per_token",
+ENGINE_FIGURES = ("hit_rate", "loads_per_token", "host_computed_per_token",
+                  "prefetch_useful_per_token",
                   "prefetch_wasted_per_token", "bytes_per_token", "disk_bytes_per_token",
                   "stall_fraction", "disk_busy_fraction", "h2d_busy_fraction",
                   "disk_GBps_while_busy", "h2d_GBps_while_busy", "unstalled_s_per_token",
@@ -69,7 +70,9 @@ def _engine_figures(d: dict[str, float]) -> dict[str, float | None]:
 
     return {
         "hit_rate": d["hits"] / needed if needed else None,
-        "loads_per_token": (d["misses"] + d["prefetch_issued"]) / n,
+        # experts moved into the device tier; a miss the CPU computed (hybrid) moved none
+        "loads_per_token": (d["misses"] - d["host_computed"] + d["prefetch_issued"]) / n,
+        "host_computed_per_token": d["host_computed"] / n,
         # prefetched experts a layer then used / that left the cache unused (read for nothing)
         "prefetch_useful_per_token": d["prefetch_useful"] / n,
         "prefetch_wasted_per_token": d["prefetch_wasted"] / n,
@@ -146,6 +149,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
                     "cache_experts_per_layer": (rt.plan.device_slots / rt.config.num_layers
                                                 if rt.offloaded else None),
                     "policy": o.policy, "prefetch": o.prefetch, "trunk": o.trunk,
+                    "hybrid": o.hybrid,
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
         "same_tokens_every_run": all(r["token_ids"] == runs[0]["token_ids"] for r in runs),

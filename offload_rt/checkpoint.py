@@ -25,6 +25,7 @@ from offload_rt.quant.folder import QuantizedExperts, read_quantization
 from offload_rt.quant.formats import make_format
 from offload_rt.quant.fp8_scheme import Fp8Scheme
 from offload_rt.quant.fp8_tensors import check_header, fp8_scales, read_dequantized
+from offload_rt.quant.trunk_int8 import SCALE_SUFFIX, int8_trunk_scales, read_int8
 from offload_rt.safetensors_file import TensorInfo, read_header, read_into, read_tensor
 from offload_rt.weight_file import WeightFile
 
@@ -96,16 +97,17 @@ def _detect_layout(model_dir: Path
                           "params.json (Mistral-native layout) found")
 
 
-def _read_headers(paths: list[Path], opened: list[WeightFile],
-                  fp8: Fp8Scheme | None) -> dict[str, TensorInfo]:
-    """Open each file (appended to ``opened``) and parse its header."""
+def _read_headers(paths: list[Path], opened: list[WeightFile], fp8: Fp8Scheme | None,
+                  allowed: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
+    """Open each file (appended to ``opened``) and parse its header; ``allowed``: scale name
+    endings the folder's own format has (an int8 trunk's)."""
     tensors: dict[str, TensorInfo] = {}
     for path in paths:
         file = WeightFile(path)
         opened.append(file)
         header = read_header(file)
         check_header(fp8, header, path)  # before "missing": say what format it is
-        check_tensor_names(list(header), path, fp8.scale_endings if fp8 else ())
+        check_tensor_names(list(header), path, fp8.scale_endings if fp8 else allowed)
         for name, info in header.items():
             if name in tensors:
                 raise CheckpointError(f"{path}: tensor '{name}' also in {tensors[name].path}")
@@ -146,6 +148,8 @@ class Checkpoint:
         self.quantization = quantization if isinstance(quantization, QuantizedExperts) else None
         self.fp8 = quantization if isinstance(quantization, Fp8Scheme) else None
         self.fp8_scales: dict[str, TensorInfo] = {}
+        self.int8_trunk = self.quantization.trunk if self.quantization is not None else None
+        self.int8_scales: dict[str, TensorInfo] = {}  # an int8 trunk's, by weight name
         self._tensors = tensors
         self.files = files or []
         self.dtype = tensors[self.names.file_name("embed")].dtype
@@ -158,7 +162,9 @@ class Checkpoint:
         files: list[WeightFile] = []
         try:
             fp8 = quantization if isinstance(quantization, Fp8Scheme) else None
-            tensors = _read_headers(_weight_files(model_dir, layout), files, fp8)
+            int8_trunk = isinstance(quantization, QuantizedExperts) and quantization.trunk
+            tensors = _read_headers(_weight_files(model_dir, layout), files, fp8,
+                                    ("." + SCALE_SUFFIX,) if int8_trunk else ())
             embed = names.file_name(layout, "embed", config.family)
             if embed not in tensors:  # checked first: the file dtype is read from it
                 raise CheckpointError(f"{model_dir}: tensor '{embed}' is missing from the "
@@ -212,6 +218,10 @@ class Checkpoint:
             self.fp8_scales = fp8_scales(self.fp8, self._tensors, expected, self.names,
                                          self.config)
             expected.update({s.name: s.shape for s in self.fp8_scales.values()})
+        if self.int8_trunk is not None:
+            self.int8_scales = int8_trunk_scales(self.int8_trunk, self._tensors, self.names,
+                                                 self.config)
+            expected.update({s.name: s.shape for s in self.int8_scales.values()})
         for name, shape in expected.items():
             info = self._tensors.get(name)
             if info is None:
@@ -220,7 +230,8 @@ class Checkpoint:
             if info.shape != shape:
                 raise CheckpointError(f"{info.path}: tensor '{name}' has shape {list(info.shape)}"
                                       f", the config implies {list(shape)}")
-            _check_dtype(info, record=name.endswith(".record"), fp8=name in self.fp8_scales)
+            _check_dtype(info, record=name.endswith(".record"),
+                         fp8=name in self.fp8_scales or name in self.int8_scales)
         extra = [n for n in self._tensors if n not in expected
                  and not n.endswith(names.IGNORED_SUFFIXES)]
         if extra:
@@ -254,6 +265,12 @@ class Checkpoint:
             heads = self.config.num_heads if canonical.endswith(".wq") else self.config.num_kv_heads
             t = permute_mistral_to_hf(t, heads)
         return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+    def read_int8(self, canonical: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """An int8 trunk matrix of this folder as stored: (int8 [out, in], scale [out])
+        (``quant.trunk_int8.read_int8``)."""
+        info = self.info(canonical)
+        return read_int8(info, self.int8_scales[info.name])
 
     def expert(self, layer: int, expert: int) -> ExpertLocation:
         """Byte ranges of one expert's parts, in packing order: its record in a quantized

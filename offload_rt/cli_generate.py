@@ -205,6 +205,8 @@ def summary_line(stats: dict[str, Any], finish_reason: str | None) -> str:
                  f"{stats['misses']} misses), {format_size(stats['bytes_moved'])} moved, "
                  f"stall {stats['stall_s']:.3f} s, prefetch {stats['prefetch_useful']} useful "
                  f"/ {stats['prefetch_wasted']} wasted")
+        if stats.get("host_computed"):
+            line += f", {stats['host_computed']} misses computed on the CPU"
     return line
 
 

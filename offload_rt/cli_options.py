@@ -14,11 +14,15 @@ from cache_policies.registry import available_policies, policy_class
 from offload_rt.demo import DEMO_CACHE_EXPERTS, demo_model_dir, demo_options
 from offload_rt.generation_config import DEFAULT_MAX_NEW_TOKENS, read_generation_config
 from offload_rt.options import (
+    DEFAULT_HYBRID,
     DEFAULT_POLICY,
     DEFAULT_POOL,
     DEFAULT_PREFETCH,
     EXPERT_FORMATS,
+    HYBRID_MODES,
     POOLS,
+    SCAN_POLICY,
+    SCAN_POLICY_NO_PREDICTIONS,
     TRUNK_FORMATS,
     RuntimeOptions,
 )
@@ -107,8 +111,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                             "offloading; refused with --no-offload)")
     group.add_argument("--policy", metavar="NAME", type=policy_spec, default=None,
                        help=f"expert eviction policy: {', '.join(available_policies())}, or a "
-                            f"class as pkg.module:Class (default: {DEFAULT_POLICY}; refused "
-                            "with --no-offload)")
+                            f"class as pkg.module:Class (default: {DEFAULT_POLICY}; "
+                            f"{SCAN_POLICY}, or {SCAN_POLICY_NO_PREDICTIONS} with --prefetch 0, "
+                            "when the device holds fewer experts than one token routes to; "
+                            "refused with --no-offload)")
     group.add_argument("--prefetch", metavar="D", type=int, default=None,
                        help=f"prefetch experts D layers ahead; 0 = off (default: "
                             f"{DEFAULT_PREFETCH}; refused with --no-offload)")
@@ -116,6 +122,13 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="expert cache pools: one per layer, one shared (global), or auto = "
                             f"per layer when that fits (default: {DEFAULT_POOL}; refused with "
                             "--no-offload)")
+    group.add_argument("--hybrid", choices=HYBRID_MODES, default=None,
+                       help="GPU runs: compute an expert that misses the GPU's cache on the CPU "
+                            "instead of copying it: auto = when the start-up measurement says "
+                            "the CPU is faster for its token count, off = always copy (bit-"
+                            "identical to resident), always = every miss of few tokens "
+                            f"(default: {DEFAULT_HYBRID}; refused with --no-offload, and "
+                            "always on a CPU run)")
     group.add_argument("--max-seq-len", metavar="N", type=int, default=d.max_seq_len,
                        help="context length to allocate (default: min(model's, 4096))")
     offload = group.add_mutually_exclusive_group()
@@ -125,7 +138,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                               "they do not fit)")
     offload.add_argument("--no-offload", dest="offload", action="store_const", const=False,
                          help="keep every expert resident; refused with --cache-experts, "
-                              "--policy, --prefetch, --pool, or a budget too small for every "
+                              "--policy, --prefetch, --pool, --hybrid, or a budget too small for every "
                               "expert")
     group.add_argument("--experts", choices=EXPERT_FORMATS, default=d.experts,
                        help="expert format: int8/int4 quantize a float folder's experts as "
@@ -138,7 +151,9 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="trunk format: int8 quantizes the attention projections and the "
                             "LM head at load (one scale per output channel; --device cpu "
                             "only); embeddings, norms and routers stay in the compute dtype "
-                            "(default: %(default)s, the compute dtype)")
+                            "(default: the folder's: float, the compute dtype, or the int8 "
+                            "trunk offload-rt quantize --trunk int8 stored; float is refused "
+                            "with that)")
 
 
 def policy_spec(spec: str) -> str:
@@ -161,6 +176,7 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {"device": args.device, "dtype": args.dtype, "gpu_memory": args.gpu_memory,
             "cpu_memory": args.cpu_memory, "cache_experts": args.cache_experts,
             "policy": args.policy, "prefetch": args.prefetch, "pool": args.pool,
+            "hybrid": args.hybrid,
             "max_seq_len": args.max_seq_len, "offload": args.offload,
             "experts": args.experts, "group_size": args.group_size, "trunk": args.trunk}
     return demo_options(opts) if args.model_dir is None else opts

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cache_policies import policy_class
@@ -19,12 +19,18 @@ POOLS = ("auto", "layer", "global")
 POOL_CHOICE = {"auto": None, "layer": True, "global": False}  # plan_memory's per_layer
 EXPERT_FORMATS = ("float", "int8", "int4", "fp8")  # fp8: an fp8 checkpoint's own experts only
 TRUNK_FORMATS = ("float", "int8")  # int8: attention projections and LM head (model.int8_linear)
+HYBRID_MODES = ("auto", "off", "always")  # engine.hybrid.MODES (not imported: it needs torch)
 
 
 # Defaults of the expert-cache options; the fields default to None ("not given") so that a
 # value given with offload=False can be refused (it would configure a cache that is not built).
-DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL = "lru", 1, "auto"
-CACHE_OPTIONS = ("policy", "prefetch", "pool")
+DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL, DEFAULT_HYBRID = "lru", 1, "auto", "auto"
+CACHE_OPTIONS = ("policy", "prefetch", "pool", "hybrid")
+# The default policy where the device tier holds fewer experts than one token routes to
+# (layers x top_k: only a global pool can): LRU keeps none of them to the next token there (a
+# cyclic scan), ranking by the router's predictions keeps some, by frequency when prefetch is
+# off (no predictions). Evidence: README, "Budgets, worked example".
+SCAN_POLICY, SCAN_POLICY_NO_PREDICTIONS = "router", "lfu"
 _NO_FLAG = ("prefill_chunk", "drop_page_cache")  # API-only options
 _NOT_GIVEN = object()
 
@@ -64,7 +70,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "drop_page_cache": ((bool,), False, "True or False"),
     "experts": ((str,), True, f"one of {list(EXPERT_FORMATS)} or None"),
     "group_size": ((int,), True, "an int >= 1 or None"),
-    "trunk": ((str,), False, f"one of {list(TRUNK_FORMATS)}"),
+    "trunk": ((str,), True, f"one of {list(TRUNK_FORMATS)} or None"),
+    "hybrid": ((str,), True, f"one of {list(HYBRID_MODES)} or None"),
 }
 
 
@@ -88,16 +95,25 @@ class RuntimeOptions:
 
     ``policy``, ``prefetch``, ``pool`` configure the expert cache: None (not given) means
     ``DEFAULT_POLICY`` ('lru'), ``DEFAULT_PREFETCH`` (1 layer ahead), ``DEFAULT_POOL``
-    ('auto'), and the constructed options hold those values; given with ``offload=False``
-    they are refused, as ``cache_experts`` is (so is ``dataclasses.replace(o, offload=False)``
-    of options that hold them: build new options instead).
+    ('auto'), and the constructed options hold those values (``policy_given`` says whether
+    the policy was given: if not, a runtime replaces it by its plan's ``default_policy``);
+    given with ``offload=False`` they are refused, as ``cache_experts`` is (so is
+    ``dataclasses.replace(o, offload=False)`` of options that hold them: build new options
+    instead).
 
     ``experts``: the experts' format, None = the folder's (float, or a quantized folder's
     records); ``int8``/``int4`` on a float folder quantize each expert as it is read
     (``offload_rt.quant.select``). ``group_size``: int4's group (default 64), with
     ``experts="int4"`` only.
 
-    ``trunk``: "float" keeps the trunk in the compute dtype; "int8" quantizes the attention
+    ``hybrid`` (a cache option; GPU runs): "auto" computes a missed expert on the CPU when
+    the start-up measurement says that beats copying it (``engine.hybrid``), "off" always
+    copies (offloaded == resident, bit for bit), "always" computes every miss of at most
+    ``engine.hybrid.MAX_HOST_TOKENS`` tokens on the CPU; refused on a CPU run.
+
+    ``trunk``: None = the folder's (float, or the int8 trunk ``offload-rt quantize --trunk
+    int8`` stores: ``quant.select.select_trunk``, which refuses "float" with it); "float"
+    keeps the trunk in the compute dtype; "int8" quantizes (a float folder's) attention
     projections and the LM head at load (``model.int8_linear``; CPU only: torch has no CUDA
     kernel for int8 weight-only matrix products).
 
@@ -111,7 +127,7 @@ class RuntimeOptions:
     gpu_memory: str | int | None = None
     cpu_memory: str | int | None = None
     cache_experts: int | None = None  # research knob: device slots per layer
-    policy: str | None = None  # None: DEFAULT_POLICY
+    policy: str | None = None  # None: DEFAULT_POLICY, or the plan's default_policy
     prefetch: int | None = None  # layers ahead; 0 = off; None: DEFAULT_PREFETCH
     pool: str | None = None  # "layer": per layer; "global": one shared; "auto": layer if it fits
     max_seq_len: int | None = None  # None: min(model context, 4096)
@@ -120,14 +136,17 @@ class RuntimeOptions:
     drop_page_cache: bool = True  # expert reads bypass the page cache (see README)
     experts: str | None = None  # None: the folder's format; "float", "int8", "int4"
     group_size: int | None = None  # int4 only; None: 64
-    trunk: str = "float"  # "int8": attention projections and LM head in int8 (CPU only)
+    trunk: str | None = None  # None: the folder's (float; int8 if stored so); "float", "int8"
+    hybrid: str | None = None  # None: DEFAULT_HYBRID; "auto", "off", "always" (engine.hybrid)
+    policy_given: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _TYPES:
             _check_type(name, getattr(self, name))
         self._check_combination()
-        for name, default in zip(CACHE_OPTIONS, (DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL),
-                                 strict=True):
+        object.__setattr__(self, "policy_given", self.policy is not None)
+        defaults = (DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL, DEFAULT_HYBRID)
+        for name, default in zip(CACHE_OPTIONS, defaults, strict=True):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         self._check_values()
@@ -149,7 +168,10 @@ class RuntimeOptions:
         if self.experts is not None and self.experts not in EXPERT_FORMATS:
             raise OptionError(f"{option_name('experts', self.experts)}: choose one of "
                               f"{', '.join(EXPERT_FORMATS)}")
-        if self.trunk not in TRUNK_FORMATS:
+        if self.hybrid not in HYBRID_MODES:
+            raise OptionError(f"{option_name('hybrid', self.hybrid)}: choose one of "
+                              f"{', '.join(HYBRID_MODES)}")
+        if self.trunk is not None and self.trunk not in TRUNK_FORMATS:
             raise OptionError(f"{option_name('trunk', self.trunk)}: choose one of "
                               f"{', '.join(TRUNK_FORMATS)}")
 
@@ -184,6 +206,11 @@ class RuntimeOptions:
                 "torch has no CUDA kernel for int8 weight-only matrix products "
                 f"(aten._weight_int8pack_mm: CPU, MPS and XPU); drop --trunk int8 with "
                 f"{option_name('device', self.device)}")
+        if self.hybrid == "always" and not self.device.startswith("cuda"):
+            raise OptionError(
+                f"{option_name('hybrid', 'always')} needs {option_name('device', 'cuda')}: it "
+                "computes experts that miss the GPU's cache on the CPU, and on a CPU run every "
+                "expert already runs where it sits; drop --hybrid")
         if budget_given(self.gpu_memory) and self.device == "cpu":
             raise OptionError(
                 f"{option_name('gpu_memory', self.gpu_memory)} has no effect on a CPU run: "
@@ -204,6 +231,15 @@ class RuntimeOptions:
         import torch
 
         return getattr(torch, DTYPES[self.dtype]) if self.dtype else file_dtype
+
+
+def default_policy(device_slots: int, token_experts: int, prefetch: int) -> str:
+    """The policy of a run that does not name one: ``DEFAULT_POLICY``, or with fewer
+    ``device_slots`` than ``token_experts`` (layers x top_k) ``SCAN_POLICY`` when ``prefetch``
+    >= 1 records predictions, else ``SCAN_POLICY_NO_PREDICTIONS``."""
+    if device_slots >= token_experts:
+        return DEFAULT_POLICY
+    return SCAN_POLICY if prefetch >= 1 else SCAN_POLICY_NO_PREDICTIONS
 
 
 def budget_given(size: str | int | None) -> bool:

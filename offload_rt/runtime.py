@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,13 @@ from offload_rt.chunked_lm import ChunkedLM, IdDecoder
 from offload_rt.context import choose_context
 from offload_rt.demo import demo_model_dir, demo_options
 from offload_rt.engine.assemble import build_offloaded
-from offload_rt.engine.budget import plan_line
+from offload_rt.engine.budget import plan_line, slots_text
 from offload_rt.engine.offloaded import OffloadedExperts
-from offload_rt.engine.out_of_memory import is_out_of_memory, out_of_memory_error
+from offload_rt.engine.out_of_memory import (
+    generation_out_of_memory_error,
+    is_out_of_memory,
+    out_of_memory_error,
+)
 from offload_rt.engine.resident import load_resident
 from offload_rt.engine.sizes import format_size
 from offload_rt.engine.stats import EngineStats
@@ -29,9 +33,9 @@ from offload_rt.generation import GenerationConfig, GenerationResult, stream_tex
 from offload_rt.generation_config import read_generation_config
 from offload_rt.model.build import Progress, build_trunk
 from offload_rt.model.experts import ExpertProvider
-from offload_rt.options import RuntimeOptions
+from offload_rt.options import RuntimeOptions, default_policy
 from offload_rt.prompt import check_ids, encode_messages, encode_text
-from offload_rt.quant.select import select_format
+from offload_rt.quant.select import select_format, select_trunk
 from offload_rt.runtime_plan import plan_runtime
 from offload_rt.sampling import SamplingConfig
 from offload_rt.stream_decoder import StreamDecoder
@@ -76,6 +80,7 @@ class Runtime:
                                            self.dtype, self.device)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
                                  file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
+        self.options = options = self._choose_policy(options)
         log.info("%s", plan_line(self.plan))
         self.model = self.experts = None  # type: ignore[assignment]
         stage = "trunk"
@@ -106,6 +111,21 @@ class Runtime:
                         declared, str(weights).removeprefix("torch."), declared)
         return getattr(torch, declared)
 
+    def _choose_policy(self, options: RuntimeOptions) -> RuntimeOptions:
+        """``options`` with the plan's ``default_policy`` when none was given (below one
+        token's experts LRU keeps none to the next token); ``policy_note`` says so."""
+        self.policy_note = ""
+        if options.policy_given or options.offload is False:
+            return options
+        token_experts = self.config.num_layers * self.config.top_k
+        chosen = default_policy(self.plan.device_slots, token_experts,
+                                options.prefetch)  # type: ignore[arg-type]  # filled in
+        if chosen == options.policy:
+            return options
+        self.policy_note = (f" (the default with fewer device slots than the {token_experts} "
+                            "experts one token routes to)")
+        return replace(options, policy=chosen)
+
     @property
     def offloaded(self) -> bool:
         total = self.config.num_layers * self.config.num_experts
@@ -119,13 +139,14 @@ class Runtime:
             log.info("all %d experts resident (%s each, %s)", cfg.num_layers * cfg.num_experts,
                      format_size(self.plan.footprint.expert), fmt.name)
             return load_resident(self.checkpoint, fmt, self.device, progress)
-        log.info("offloading: %d device slots (%s each, %s), %d host slots, policy %s, "
-                 "prefetch %d", self.plan.device_slots, format_size(self.plan.footprint.expert),
-                 fmt.name, self.plan.host_slots, o.policy, o.prefetch)
+        log.info("offloading: %s (%s each, %s), %d host slots, policy %s%s, prefetch %d",
+                 slots_text(self.plan), format_size(self.plan.footprint.expert), fmt.name,
+                 self.plan.host_slots, o.policy, self.policy_note, o.prefetch)
         return build_offloaded(self.checkpoint, self.model, self.plan,
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
-                               drop_page_cache=o.drop_page_cache, fmt=fmt)
+                               drop_page_cache=o.drop_page_cache, fmt=fmt,
+                               hybrid=o.hybrid)  # type: ignore[arg-type]  # set by options
 
     # ---- generation -------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, *,
@@ -226,7 +247,14 @@ class Runtime:
                                       cancel=self._cancel,
                                       max_seq_len_source=self.max_seq_len_source)
             self.last_result = text_stream.result
-            yield from text_stream
+            try:
+                yield from text_stream
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise generation_out_of_memory_error(
+                    exc, self.plan, device=self.device, prompt_tokens=len(ids),
+                    chunk=self.options.prefill_chunk) from exc
             if on_done is not None:
                 on_done(text_stream.result)
         finally:
@@ -301,12 +329,14 @@ def load(model_dir: str | Path | None = None, *, progress: Progress | None = Non
     """
     if model_dir is None:
         model_dir, options = demo_model_dir(), demo_options(options)
-    known = RuntimeOptions.__dataclass_fields__
+    known = [n for n, f in RuntimeOptions.__dataclass_fields__.items() if f.init]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unknown option(s) {unknown}; known: {sorted(known)}")
     checked = RuntimeOptions(**options)  # before any file is opened
     ckpt = Checkpoint.open(model_dir)
+    trunk = select_trunk(ckpt, checked.trunk, checked.device)  # trunk=None: the folder's
+    checked = RuntimeOptions(**{**options, "trunk": trunk})
     tokenizer = _fitted_tokenizer(ckpt)
     return Runtime(ckpt, checked, tokenizer, progress)
 

@@ -4,14 +4,19 @@ slots they hold, and the checks that tie flags together (``--cache-experts`` wit
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from offload_rt.config import ModelConfig
-from offload_rt.engine.budget import MemoryPlan, footprint, plan_memory
+from offload_rt.engine.budget import MemoryPlan, available_ram, footprint, plan_memory
+from offload_rt.engine.hybrid import host_work_bytes
 from offload_rt.engine.sizes import format_size, parse_size
 from offload_rt.errors import BudgetError, OptionError
 from offload_rt.options import POOL_CHOICE, RuntimeOptions, option_name
-from offload_rt.quant.formats import ExpertFormat
+from offload_rt.quant.formats import ExpertFormat, FloatFormat
+
+log = logging.getLogger(__name__)
 
 
 def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
@@ -28,12 +33,28 @@ def plan_runtime(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype, device
     gpu = parse_size(o.gpu_memory, option_name("gpu_memory"))
     cpu = parse_size(o.cpu_memory, option_name("cpu_memory"))
     on_gpu = device.type == "cuda"
+    host = _host_budget(o, cfg, dtype, fmt, cpu) if on_gpu else None
     plan = plan_memory(cfg, fp, device, device_budget=gpu if on_gpu else cpu,
-                       host_budget=cpu if on_gpu else None, cache_experts=o.cache_experts,
+                       host_budget=host, cache_experts=o.cache_experts,
                        per_layer=POOL_CHOICE[o.pool])  # type: ignore[index]
     if o.offload is False and (gpu if on_gpu else cpu) is not None:
         _check_resident_fits(cfg, plan, "gpu_memory" if on_gpu else "cpu_memory")
     return plan
+
+
+def _host_budget(o: RuntimeOptions, cfg: ModelConfig, dtype: torch.dtype,
+                 fmt: ExpertFormat | None, cpu: int | None) -> int | None:
+    """The host tier's budget on a GPU run: ``--cpu-memory`` (None: 'auto'), less, when
+    misses may run on the CPU (``--hybrid`` not off), the RAM that computation takes
+    (``engine.hybrid.host_work_bytes``)."""
+    if o.hybrid == "off" or o.offload is False:
+        return cpu
+    fmt = fmt or FloatFormat(cfg.hidden_size, cfg.intermediate_size, dtype)
+    work = host_work_bytes(cfg, fmt, dtype)
+    total = cpu if cpu is not None else available_ram()
+    log.info("hybrid: %s of %s RAM budget kept for experts computed on the CPU",
+             format_size(work), option_name("cpu_memory"))
+    return max(0, total - work)
 
 
 def _check_resident_fits(cfg: ModelConfig, plan: MemoryPlan, budget: str) -> None:

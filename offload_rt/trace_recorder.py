@@ -142,13 +142,15 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
     """The header for a trace of ``rt`` (an ``offload_rt.Runtime``): model and cache settings."""
     cfg, experts = rt.config, rt.experts
     offloaded = isinstance(experts, OffloadedExperts)
+    sizes = [p.capacity for p in experts.device.cache.pools] if offloaded else [0]
     return TraceHeader(
         num_layers=cfg.num_layers, num_experts=cfg.num_experts, top_k=cfg.top_k,
         model={k: list(v) if isinstance(v, tuple) else v  # as JSON reads it back
                for k, v in dataclasses.asdict(cfg).items()},
         expert_bytes=rt.plan.footprint.expert,
         policy=rt.options.policy if offloaded else None,
-        capacity=experts.max_group(0) if offloaded else None,
+        capacity=min(sizes) if offloaded else None,
+        pool_capacities=sizes if len(set(sizes)) > 1 else None,  # a budget's spare slots
         pool=("layer" if experts.per_layer else "global") if offloaded else None,
         max_group=experts.max_group(0), prefetch=experts.depth if offloaded else 0,
         prompt_source=prompt_source,

@@ -26,7 +26,9 @@ from checkpoint_factory import TinySpec, make_hf_checkpoint
 
 import offload_rt
 from cache_policies import ExpertKey, LRUPolicy, make_policy, simulate
+from offload_rt.checkpoint import Checkpoint
 from offload_rt.engine.assemble import disk_reader
+from offload_rt.engine.budget import footprint
 from offload_rt.engine.expert_cache import ExpertCache
 from offload_rt.engine.offloaded import OffloadedExperts, Tier
 from offload_rt.engine.placement import ExpertPlacement
@@ -135,6 +137,20 @@ def _cases() -> Iterator[object]:
             for cap, depth, pool in subset:
                 yield pytest.param(name, policy, cap, depth, pool,
                                    id=f"{name}-{policy}-c{cap}-p{depth}-{pool}")
+        # Pools of unequal capacity (a budget's spare slots): top_k + 1 in every layer but the
+        # last, every policy, prefetch 1 (and LRU at every depth)
+        for policy, depth in [("lru", 0), ("lru", 2), *((p, 1) for p in ("lru", *OTHER_POLICIES))]:
+            yield pytest.param(name, policy, UNEVEN, depth, "layer",
+                               id=f"{name}-{policy}-uneven-p{depth}-layer")
+
+
+UNEVEN = "uneven"  # a case's capacity: the budget of _uneven_budget
+
+
+def _uneven_budget(ref: Reference, spec: TinySpec) -> int:
+    """A budget of top_k slots per layer and layers - 1 more: pools of top_k + 1 but the last."""
+    fp = footprint(Checkpoint.open(ref.model_dir).config, torch.float32, MAX_SEQ, 512)
+    return fp.fixed + (spec.top_k * spec.num_layers + spec.num_layers - 1) * fp.slot
 
 
 def _load(ref: Reference, **options: object) -> offload_rt.Runtime:
@@ -144,14 +160,20 @@ def _load(ref: Reference, **options: object) -> offload_rt.Runtime:
 
 @pytest.mark.parametrize(("name", "policy", "cap", "depth", "pool"), list(_cases()))
 def test_offloaded_matches_resident(reference: Callable[[str], Reference], name: str,
-                                    policy: str, cap: int, depth: int, pool: str) -> None:
+                                    policy: str, cap: int | str, depth: int, pool: str) -> None:
     ref, spec = reference(name), SPECS[name]
-    with _load(ref, cache_experts=cap, policy=policy, prefetch=depth, pool=pool) as rt:
+    size = {"cpu_memory": _uneven_budget(ref, spec)} if cap == UNEVEN else {"cache_experts": cap}
+    with _load(ref, policy=policy, prefetch=depth, pool=pool, **size) as rt:
         experts = rt.experts
         assert isinstance(experts, OffloadedExperts)
         pools = experts.device.cache.pools
         assert len(pools) == (spec.num_layers if pool == "layer" else 1)
-        assert all(p.capacity == cap * (1 if pool == "layer" else spec.num_layers) for p in pools)
+        if cap == UNEVEN:
+            k, last = spec.top_k, spec.num_layers - 1
+            assert [p.capacity for p in pools] == [k + 1] * last + [k]
+        else:
+            assert all(p.capacity == cap * (1 if pool == "layer" else spec.num_layers)
+                       for p in pools)
 
         accesses = count_accesses(experts)
         experts.stats.reset()

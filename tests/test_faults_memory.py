@@ -163,6 +163,35 @@ def test_kv_cache_allocation_failure_names_max_seq_len(tiny_hf_checkpoint: Path,
         offload_rt.load(tiny_hf_checkpoint, dtype="float32", cache_experts=2)
 
 
+def test_out_of_memory_during_generation_is_a_budget_error_and_the_runtime_goes_on(
+        tiny_hf_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An allocation failing mid-generation (memory outside the plan ran short): before, the
+    torch RuntimeError came through as is (a traceback from the CLI)."""
+    from offload_rt.cli import main
+    from offload_rt.model.moe import MoELayer
+
+    real = MoELayer.__call__
+    with offload_rt.load(tiny_hf_checkpoint, dtype="float32", cache_experts=2) as rt:
+        monkeypatch.setattr(MoELayer, "__call__", fail_with_oom)
+        with pytest.raises(BudgetError) as info:
+            rt.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+        message = str(info.value)
+        for words in ("out of memory during generation (a 3-token prompt", "--cpu-memory",
+                      "could be allocated under", "DefaultCPUAllocator",
+                      "the runtime is still usable"):
+            assert words in message, message
+        assert isinstance(info.value.__cause__, RuntimeError)
+        monkeypatch.setattr(MoELayer, "__call__", real)
+        assert len(rt.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    monkeypatch.setattr(MoELayer, "__call__", fail_with_oom)
+    code = main(["generate", str(tiny_hf_checkpoint), "--prompt-ids", "1,2,3",
+                 "--max-new-tokens", "2", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("offload-rt: error: out of memory during generation")
+    assert "Traceback" not in err
+
+
 def test_a_failure_that_is_not_memory_stays_itself(tiny_hf_checkpoint: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:

@@ -175,8 +175,8 @@ def test_usage_errors_from_argparse(capsys: pytest.CaptureFixture[str], src: Pat
     assert run(capsys, src, tmp_path / "q")[0] == 2  # --experts is required
     code, _, err = run(capsys, src, tmp_path / "q", "--experts", "int3")
     assert code == 2 and "invalid choice: 'int3'" in err
-    code, _, err = run(capsys, src, tmp_path / "q", "--experts", "int8", "--trunk", "int8")
-    assert code == 2 and "unrecognized arguments: --trunk" in err  # not available yet
+    code, _, err = run(capsys, src, tmp_path / "q", "--experts", "int8", "--trunk", "int4")
+    assert code == 2 and "invalid choice: 'int4'" in err  # the trunk is float or int8
 
 
 def test_out_dir_that_is_or_holds_the_source(capsys: pytest.CaptureFixture[str], src: Path,

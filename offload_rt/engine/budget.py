@@ -14,6 +14,7 @@ import torch
 
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN
+from offload_rt.engine.expert_cache import pool_capacities
 from offload_rt.engine.sizes import format_size
 from offload_rt.engine.trunk_memory import int8_parts, trunk_bytes
 from offload_rt.engine.work_memory import onednn_shapes, work_bytes
@@ -57,16 +58,27 @@ class Footprint:
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    """Slots per tier. Device pools: ``num_pools`` of ``device_slots_per_pool`` slots, of which
+    the first ``device_extra_slots`` pools (layers 0, 1, ...) hold one slot more: the room a
+    budget leaves after equal per-layer pools (``spare_slots``)."""
+
     footprint: Footprint
     device_slots_per_pool: int
     num_pools: int
     host_slots: int  # 0 on CPU-only runs
     device_budget: int | None
     host_budget: int | None
+    device_extra_slots: int = 0  # < num_pools; 0 with one global pool
 
     @property
     def device_slots(self) -> int:
-        return self.device_slots_per_pool * self.num_pools
+        return self.device_slots_per_pool * self.num_pools + self.device_extra_slots
+
+    @property
+    def pool_capacities(self) -> tuple[int, ...]:
+        """Each device pool's slots, in pool (= layer) order."""
+        return pool_capacities(self.device_slots_per_pool, self.num_pools,
+                               self.device_extra_slots)
 
 
 def footprint(cfg: ModelConfig, dtype: torch.dtype, max_seq_len: int, chunk: int, *,
@@ -163,6 +175,27 @@ def _slots(budget: int, fp: Footprint, pools: int, cap: int) -> int:
     return min(cap, max(0, (budget - fp.fixed) // (fp.slot * pools)))
 
 
+def spare_slots(leftover: int, fp: Footprint, pools: int) -> int:
+    """Slots the ``leftover`` bytes of equal per-layer pools still hold: fewer than ``pools``
+    (else every pool would have got one), each given to one pool (``pool_capacities``), so
+    no whole slot of the budget goes unused (Mixtral 8x7B's int4 experts in 19.2 GiB: 5 per
+    layer and 18 more, where 1.6 GiB was left over)."""
+    return min(pools - 1, max(0, leftover) // fp.slot)
+
+
+def slots_text(plan: MemoryPlan) -> str:
+    """'49 expert slots in one global pool', '160 expert slots, 5 per layer' or '178 expert
+    slots, 5 per layer (6 in layers 0-17)'."""
+    if plan.num_pools == 1:
+        return f"{plan.device_slots} expert slots in one global pool"
+    text = f"{plan.device_slots} expert slots, {plan.device_slots_per_pool} per layer"
+    extra = plan.device_extra_slots
+    if extra:
+        layers = "layer 0" if extra == 1 else f"layers 0-{extra - 1}"
+        text += f" ({plan.device_slots_per_pool + 1} in {layers})"
+    return text
+
+
 def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
                 device_budget: int | None, host_budget: int | None,
                 cache_experts: int | None, per_layer: bool | None) -> MemoryPlan:
@@ -170,6 +203,9 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
 
     ``per_layer=None`` picks per-layer pools when the budget holds top_k experts of every
     layer, else one global pool (e.g. Mixtral 8x7B in bf16 on a 12 GB GPU: 24 slots in all).
+    Per-layer pools sized by the budget get its whole slots: equal pools, then the fewer than
+    one per layer that are left to the first layers (``spare_slots``); ``cache_experts`` sizes
+    every pool exactly.
     """
     budget = device_budget if device_budget is not None else (
         available_gpu(device) if device.type == "cuda" else available_ram())
@@ -196,6 +232,8 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
             raise BudgetError(f"{option_name('cache_experts', cache_experts)} needs "
                               f"{format_size(fp.fixed + per_pool * pools * fp.slot)}, more "
                               f"than {which} {format_size(budget)}")
+    extra = 0 if cache_experts is not None or not per_layer or per_pool >= cap else \
+        spare_slots(budget - fp.fixed - per_pool * pools * fp.slot, fp, pools)
     host_slots = 0
     if device.type == "cuda":
         host = host_budget if host_budget is not None else available_ram()
@@ -206,4 +244,4 @@ def plan_memory(cfg: ModelConfig, fp: Footprint, device: torch.device, *,
                               f"the {cfg.top_k} pinned staging slots of {format_size(fp.slot)} "
                               f"the GPU tier needs: give at least {format_size(need)} ({need} "
                               "bytes)")
-    return MemoryPlan(fp, per_pool, pools, host_slots, budget, host_budget)
+    return MemoryPlan(fp, per_pool, pools, host_slots, budget, host_budget, extra)

@@ -3,7 +3,8 @@
     disk (safetensors) -> [host slots, pinned; CUDA only] -> device slots -> expert compute
 
 Demand loads run in the caller's thread (a stall, timed); predicted loads run on the prefetch
-thread. One condition variable guards every cache's bookkeeping; bytes move outside it.
+threads. With ``hybrid`` (``engine.hybrid``), a device-tier miss that few tokens need is not
+moved to the device at all: it is pinned in the host tier and the CPU computes it. One condition variable guards every cache's bookkeeping; bytes move outside it.
 
 Faults (README "What happens when things go wrong"): every transition is undone on every
 exception path (a reserved slot is given back, a pin released); a failure on the prefetch
@@ -24,6 +25,7 @@ import torch
 
 from cache_policies import ExpertKey
 from offload_rt.engine.expert_cache import LOADING, RESIDENT, describe
+from offload_rt.engine.hybrid import HybridRule
 from offload_rt.engine.mover import WAIT_S, WAIT_TIMEOUT_S, ExpertMover, Reader
 from offload_rt.engine.placement import Placement
 from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
@@ -31,6 +33,7 @@ from offload_rt.engine.stats import EngineStats
 from offload_rt.engine.tier import Tier
 from offload_rt.engine.transfer import HostToDevice
 from offload_rt.errors import LoaderError, PolicyError
+from offload_rt.model.experts import ExpertBuffers
 
 log = logging.getLogger(__name__)
 # prefetch threads, each with one read in flight (benchmarks/results/mixtral_8x7b_ab.json)
@@ -51,9 +54,14 @@ class OffloadedExperts(ExpertMover):
     def __init__(self, device: Tier, reader: Reader, expert_nbytes: int, *,
                  placement: Placement, host: Tier | None = None,
                  h2d: HostToDevice | None = None, predictor: NextLayerPredictor | None = None,
-                 prefetch_depth: int = 0, per_layer: bool = True) -> None:
+                 prefetch_depth: int = 0, per_layer: bool = True,
+                 hybrid: HybridRule | None = None) -> None:
         super().__init__(device, reader, expert_nbytes, placement, host, h2d)
         self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
+        if hybrid is not None and host is None:
+            raise ValueError("hybrid miss handling needs a host tier to compute from")
+        self.hybrid = hybrid if hybrid is not None and hybrid.max_tokens > 0 else None
+        self._routed: dict[int, int] = {}  # expert -> tokens routed to it, this layer (hybrid)
         self._error: BaseException | None = None
         self._hidden: torch.Tensor | None = None
         self._protected: frozenset[ExpertKey] = frozenset()
@@ -67,7 +75,7 @@ class OffloadedExperts(ExpertMover):
 
     # ---- ExpertProvider -------------------------------------------------------------------
     def max_group(self, layer: int) -> int:
-        return self.device.cache.pools[0].capacity
+        return self.device.cache.pool(ExpertKey(layer, 0)).capacity
 
     def observe(self, layer: int, hidden: torch.Tensor) -> None:
         with self._cond:
@@ -78,7 +86,10 @@ class OffloadedExperts(ExpertMover):
         self._hidden = hidden
 
     def on_route(self, layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
-        needed = frozenset(ExpertKey(layer, e) for e in torch.unique(ids).tolist())
+        used, counts = torch.unique(ids, return_counts=True)
+        needed = frozenset(ExpertKey(layer, e) for e in used.tolist())
+        if self.hybrid is not None:  # each token picks an expert once: counts are tokens
+            self._routed = dict(zip(used.tolist(), counts.tolist(), strict=True))
         self.last_predictions = None
         with self._cond:
             self._protected = needed
@@ -90,7 +101,7 @@ class OffloadedExperts(ExpertMover):
                 return
         if hidden.shape[0] > 1:  # a prefill chunk: the next layers' experts, in demand order
             prefill = self.predictor.predict_prefill(layer, hidden, self.depth,
-                                                     self.max_group(layer))
+                                                     self.max_group)
             with self._cond:
                 worker.submit(prefill, layer)
             return
@@ -106,20 +117,58 @@ class OffloadedExperts(ExpertMover):
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Mapping[int, torch.Tensor]]:
         keys = [ExpertKey(layer, e) for e in experts]
         slots: dict[int, int] = {}
+        host_slots: dict[int, int] = {}  # hybrid: experts the CPU computes from host RAM
         try:
             with self._cond:
                 self._raise_pending()
                 for key in keys:
-                    slots[key.expert] = self._acquire_one(key, keys)
+                    if self._runs_on_host(key, len(host_slots)):
+                        host_slots[key.expert] = self._pin_for_host(key, keys)
+                    else:
+                        slots[key.expert] = self._acquire_one(key, keys)
             for slot in slots.values():
                 self.h2d.ready(slot)
-            yield {e: self.device.slots[s] for e, s in slots.items()}
+            if not host_slots:
+                yield {e: self.device.slots[s] for e, s in slots.items()}
+                return
+            assert self.host is not None
+            buffers = {e: self.device.slots[s] for e, s in slots.items()}
+            buffers |= {e: self.host.slots[s] for e, s in host_slots.items()}
+            yield ExpertBuffers(dict(sorted(buffers.items())), frozenset(host_slots))
         finally:
             with self._cond:
                 for e, slot in slots.items():
                     self.device.cache.unpin(ExpertKey(layer, e))
                     self.h2d.released(slot)
+                for e in host_slots:
+                    self.host.cache.unpin(ExpertKey(layer, e))  # type: ignore[union-attr]
                 self._cond.notify_all()
+
+    # ---- hybrid: a miss computed where it sits (lock held on entry and exit) ---------------
+    def _runs_on_host(self, key: ExpertKey, pinned_here: int) -> bool:
+        """Whether the CPU computes ``key`` this step: a device-tier miss (not resident, not
+        on its way) whose token count the rule sends to the host, while this step leaves one
+        host slot it does not pin (the copies of the step's other misses pass through one)."""
+        if self.hybrid is None or self.host is None or key in self.device.cache.state:
+            return False
+        return (self.hybrid.on_host(self._routed.get(key.expert, 0))
+                and pinned_here < self.host.cache.num_slots - 1)
+
+    def _pin_for_host(self, key: ExpertKey, group: Sequence[ExpertKey]) -> int:
+        """Pin ``key`` in the host tier (read from disk on a host miss, with the lock
+        released meanwhile, a stall) for the CPU to compute; returns its host slot."""
+        self.device.cache.tick()
+        self._count(key, hit=False)
+        self.stats.host_computed += 1
+        self.stats.host_computed_tokens += self._routed.get(key.expert, 0)
+        start, stalled = time.perf_counter(), self.stats.stall_s
+        self._cond.release()
+        try:
+            return self._host_acquire(key, group, demand=True)
+        finally:
+            self._cond.acquire()
+            # its waits counted themselves; the whole time is the stall
+            self.stats.stall_s = stalled + time.perf_counter() - start
 
     # ---- demand path (caller's thread, lock held on entry and exit) ------------------------
     def _acquire_one(self, key: ExpertKey, group: Sequence[ExpertKey]) -> int:

@@ -20,7 +20,7 @@ import psutil
 import torch
 
 from offload_rt.config import ModelConfig
-from offload_rt.engine.budget import MemoryPlan, plan_memory
+from offload_rt.engine.budget import MemoryPlan, plan_memory, slots_text
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import BudgetError
 from offload_rt.options import POOL_CHOICE, RuntimeOptions, option_name
@@ -106,12 +106,6 @@ def headroom(device: torch.device) -> Headroom:
     return min(found, key=lambda h: h.nbytes)
 
 
-def _slots_text(plan: MemoryPlan) -> str:
-    if plan.num_pools == 1:
-        return f"{plan.device_slots} expert slots in one global pool"
-    return f"{plan.device_slots} expert slots, {plan.device_slots_per_pool} per layer"
-
-
 def _fit_experts(plan: MemoryPlan, room: Headroom, cfg: ModelConfig, o: RuntimeOptions,
                  device: torch.device) -> str:
     """Options whose plan fits ``room`` (measured with everything freed): a per-layer pool
@@ -140,7 +134,7 @@ def _fit_experts(plan: MemoryPlan, room: Headroom, cfg: ModelConfig, o: RuntimeO
                            host_budget=plan.host_budget, cache_experts=None,
                            per_layer=False if add_pool else POOL_CHOICE[o.pool])
         pool = f"{option_name('pool', 'global')} " if add_pool else ""
-        return f"{drop}try {pool}{option_name(budget_option, f'{mib}MiB')}: {_slots_text(fits)}"
+        return f"{drop}try {pool}{option_name(budget_option, f'{mib}MiB')}: {slots_text(fits)}"
     return (f"not even {top_k} expert slots fit (the fewest a run takes: top_k in one global "
             f"pool, {option_name('pool', 'global')}): free memory or raise the limit")
 
@@ -176,3 +170,23 @@ def out_of_memory_error(exc: BaseException, stage: str, plan: MemoryPlan, cfg: M
     return BudgetError(f"out of memory allocating {what}: {format_size(nbytes)} ({nbytes} "
                        f"bytes){planned}; {format_size(max(0, room.nbytes))} more could be "
                        f"allocated under {room.source}; {advice} ({type(exc).__name__}: {exc})")
+
+
+def generation_out_of_memory_error(exc: BaseException, plan: MemoryPlan, *,
+                                   device: torch.device, prompt_tokens: int,
+                                   chunk: int) -> BudgetError:
+    """A ``BudgetError`` for the allocation failure ``exc`` (``is_out_of_memory``) during a
+    generation of a ``prompt_tokens``-token prompt prefilled ``chunk`` tokens at a time. The
+    plan counted what a forward allocates, so memory outside the plan ran short: say how much
+    could still be allocated and which flags leave more room."""
+    room = headroom(device)
+    flag = option_name("gpu_memory" if device.type == "cuda" else "cpu_memory")
+    planned = f"the run was planned within {flag} {format_size(plan.device_budget)}" \
+        if plan.device_budget else f"the run was planned within {flag} (auto)"
+    return BudgetError(
+        f"out of memory during generation (a {prompt_tokens}-token prompt, prefilled "
+        f"{chunk} tokens at a time): {planned}, and only {format_size(max(0, room.nbytes))} "
+        f"more could be allocated under {room.source}, so memory outside that plan ran short "
+        f"(another process, or a process or container limit); free memory, or lower {flag} "
+        f"so the plan leaves room for the rest of the machine; the runtime is still usable "
+        f"({type(exc).__name__}: {exc})")

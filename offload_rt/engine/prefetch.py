@@ -48,17 +48,17 @@ class NextLayerPredictor:
 
     @torch.inference_mode()
     def predict_prefill(self, layer: int, hidden: torch.Tensor, depth: int,
-                        capacity: int) -> list[ExpertKey]:
+                        capacity: Callable[[int], int]) -> list[ExpertKey]:
         """hidden: [T, H], T > 1 (a prefill chunk). Returns the keys to load for the next
-        ``depth`` layers, nearest layer first: per layer, the union of every token's top-k in
-        ascending expert id (the order ``MoELayer`` takes them in), at most ``capacity`` of
-        them (what that layer's cache can hold at once: a later one would evict an earlier
-        one before it is used)."""
+        ``depth`` layers, nearest layer first: per layer j, the union of every token's top-k in
+        ascending expert id (the order ``MoELayer`` takes them in), at most ``capacity(j)`` of
+        them (what layer j's cache can hold at once: a later one would evict an earlier one
+        before it is used; pools may differ in size between layers)."""
         to_load: list[ExpertKey] = []
         for j in range(layer + 1, min(layer + 1 + depth, len(self.routers))):
             probs = self.routers[j].probabilities(self.norms[j](hidden))  # [T, E]
             top = torch.topk(probs, self.top_k, dim=-1).indices
-            used = torch.unique(top).tolist()[:capacity]  # sorted ascending
+            used = torch.unique(top).tolist()[:capacity(j)]  # sorted ascending
             to_load.extend(ExpertKey(j, e) for e in used)
         return to_load
 

@@ -29,7 +29,9 @@ class BusyClock:
 
 @dataclass
 class EngineStats:
-    """Counters since the last ``reset``. 'hits'/'misses' are the device tier's."""
+    """Counters since the last ``reset``. 'hits'/'misses' are the device tier's; a miss the
+    CPU computed from host RAM (``host_computed``) is a miss that moved no bytes to the
+    device."""
 
     hits: int = 0
     misses: int = 0
@@ -46,6 +48,9 @@ class EngineStats:
     disk_busy_s: float = 0.0  # at least one disk read in flight (BusyClock)
     h2d_busy_s: float = 0.0  # at least one host -> device copy in flight
     tokens: int = 0
+    # device-tier misses the CPU computed from host RAM instead (hybrid), and their tokens
+    host_computed: int = 0
+    host_computed_tokens: int = 0
     # Prefetched keys not used or evicted yet. Kept here so ``reset`` forgets them too: each
     # prefetch is counted useful or wasted at most once, in the period that issued it.
     pending_prefetch: set = field(default_factory=set, repr=False)
@@ -75,6 +80,8 @@ class EngineStats:
             "prefetch_issued": self.prefetch_issued, "prefetch_useful": self.prefetch_useful,
             "prefetch_wasted": self.prefetch_wasted, "stall_s": round(self.stall_s, 6),
             "disk_busy_s": round(self.disk_busy_s, 6), "h2d_busy_s": round(self.h2d_busy_s, 6),
+            "host_computed": self.host_computed,
+            "host_computed_tokens": self.host_computed_tokens,
             "per_layer": {str(i): {"hits": self.layer_hits[i], "misses": self.layer_misses[i]}
                           for i in layers},
         }

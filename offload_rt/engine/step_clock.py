@@ -14,7 +14,7 @@ from offload_rt.engine.stats import EngineStats
 
 COUNTERS = ("hits", "misses", "bytes_from_disk", "bytes_host_to_device", "stall_s",
             "prefetch_issued", "prefetch_useful", "prefetch_wasted", "disk_busy_s",
-            "h2d_busy_s")
+            "h2d_busy_s", "host_computed")
 
 
 class StepClock:

@@ -1,6 +1,7 @@
 """Materialize the trunk from a checkpoint: modules built on ``meta``, weights assigned from the
 files, so no second copy of the model ever exists in RAM; with ``trunk="int8"`` the attention
-projections and LM head quantized tensor by tensor as they are read."""
+projections and LM head quantized tensor by tensor as they are read, or read as int8 from a
+folder that stores them so (``quant.trunk_int8``)."""
 
 from __future__ import annotations
 
@@ -46,23 +47,24 @@ def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     ``Int8Linear``s (scales in ``default_scale_dtype(dtype)``), each quantized as it is read and
     its float copy dropped, so the float trunk is never whole in memory: at most one float
     tensor and one block's temporaries (``int8_linear.quantize_rows``) beside what is built.
+    A folder with a stored int8 trunk (``ckpt.int8_trunk``, only with ``trunk="int8"``:
+    ``quant.select.select_trunk``) gives its int8 matrices and scales as stored.
     """
+    if ckpt.int8_trunk is not None and trunk != "int8":
+        raise ValueError(f"{ckpt.model_dir} stores an int8 trunk: build it with trunk='int8' "
+                         "(quant.select.select_trunk)")
     model = Transformer(ckpt.config, device="meta")
-    quantized = _int8_matrices(ckpt, model, dtype) if trunk == "int8" else set()
-    scale_dtype = default_scale_dtype(dtype)
+    scale_dtype = _scale_dtype(ckpt, dtype)
+    quantized = _int8_matrices(ckpt, model, dtype, scale_dtype) if trunk == "int8" else set()
     names = list(trunk_shapes(ckpt.config))
     state = {}
     for i, canonical in enumerate(names):
-        tensor = ckpt.read(canonical, dtype)
         if canonical in quantized:
             module = parameter_name(canonical).removesuffix(".weight")
-            q, scale = quantize_rows(tensor, scale_dtype)
+            q, scale = _int8_matrix(ckpt, canonical, dtype, scale_dtype)
             state[f"{module}.weight"], state[f"{module}.scale"] = q.to(device), scale.to(device)
-            del tensor
-            release_freed_memory()  # the float copy's pages, not only its allocation
         else:
-            state[parameter_name(canonical)] = tensor.to(device)
-            del tensor
+            state[parameter_name(canonical)] = ckpt.read(canonical, dtype).to(device)
         if progress is not None:
             progress(i + 1, len(names))
     if ckpt.config.tie_word_embeddings:
@@ -71,12 +73,33 @@ def build_trunk(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device | str
     return model.eval().requires_grad_(False)
 
 
-def _int8_matrices(ckpt: Checkpoint, model: Transformer, dtype: torch.dtype) -> set[str]:
+def _scale_dtype(ckpt: Checkpoint, dtype: torch.dtype) -> torch.dtype:
+    """An int8 trunk's scale dtype: the folder's when it stores one, else
+    ``default_scale_dtype(dtype)``."""
+    stored = ckpt.int8_trunk
+    return stored.scale_dtype if stored is not None else default_scale_dtype(dtype)
+
+
+def _int8_matrix(ckpt: Checkpoint, canonical: str, dtype: torch.dtype,
+                 scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One int8 trunk matrix: (int8 [out, in], scale [out]) as the folder stores it, or
+    quantized from its float weight read in ``dtype`` (whose pages are then given back)."""
+    if ckpt.int8_trunk is not None:
+        return ckpt.read_int8(canonical)
+    tensor = ckpt.read(canonical, dtype)
+    q, scale = quantize_rows(tensor, scale_dtype)
+    del tensor
+    release_freed_memory()  # the float copy's pages, not only its allocation
+    return q, scale
+
+
+def _int8_matrices(ckpt: Checkpoint, model: Transformer, dtype: torch.dtype,
+                   scale_dtype: torch.dtype) -> set[str]:
     """Swap ``model``'s int8 trunk matrices (on ``meta``) for ``Int8Linear``s; their names."""
     quantized = set(int8_trunk_shapes(ckpt.config))
     if ckpt.config.tie_word_embeddings:
         log.info("%s: the LM head is tied to the embeddings (tie_word_embeddings), so it stays "
                  "in %s with --trunk int8", ckpt.model_dir, str(dtype).removeprefix("torch."))
     use_int8_linears(model, [parameter_name(c).removesuffix(".weight") for c in quantized],
-                     default_scale_dtype(dtype))
+                     scale_dtype)
     return quantized

@@ -30,6 +30,17 @@ def expert_ffn(x: torch.Tensor, packed: torch.Tensor, hidden: int, inter: int) -
     return linear(F.silu(gate) * up, down)
 
 
+class ExpertBuffers(dict):
+    """What ``ExpertProvider.acquire`` may hand out instead of a plain mapping: expert id ->
+    buffer, and ``on_host``, the ids whose buffers sit in host RAM for the CPU to compute
+    (hybrid miss handling, ``engine.hybrid``); the others are on the compute device."""
+
+    def __init__(self, buffers: Mapping[int, torch.Tensor],
+                 on_host: frozenset[int] = frozenset()) -> None:
+        super().__init__(buffers)
+        self.on_host = on_host
+
+
 class ExpertProvider(Protocol):
     """Where the MoE layer gets expert weights from."""
 
@@ -37,7 +48,8 @@ class ExpertProvider(Protocol):
         """How many experts of ``layer`` may be held (pinned) at once."""
 
     def acquire(self, layer: int, experts: Sequence[int]) -> AbstractContextManager[Mapping[int, torch.Tensor]]:
-        """Packed buffers of ``experts`` (sorted ids), valid and pinned inside the context."""
+        """Packed buffers of ``experts`` (sorted ids), valid and pinned inside the context;
+        an ``ExpertBuffers`` names those the CPU is to compute (``on_host``)."""
 
     def observe(self, layer: int, hidden: torch.Tensor) -> None:
         """The residual stream [T, H] entering ``layer``'s MoE, before its experts are needed:

@@ -2,7 +2,10 @@
 
     "quantization_config": {"quant_method": "offload_rt", "format_version": 1,
                             "experts": {"format": "int8", "scale_dtype": "bfloat16"},
-                            "record_bytes": 28672}
+                            "record_bytes": 28672,
+                            "trunk": {"format": "int8", "scale_dtype": "bfloat16"}}
+
+``trunk`` is optional (absent: the trunk is float; ``quant.trunk_int8``).
 
 An fp8 checkpoint's config (``quant_method`` compressed-tensors or fp8) is read by
 ``quant.fp8_scheme``; every other method is refused by ``model_fields.check_hf_fields`` before
@@ -18,6 +21,7 @@ from typing import Any
 from offload_rt.errors import CheckpointError
 from offload_rt.model_fields import FP8_QUANT_METHODS
 from offload_rt.quant.fp8_scheme import Fp8Scheme, read_fp8_scheme
+from offload_rt.quant.trunk_int8 import StoredInt8Trunk, read_trunk_spec
 
 QUANT_METHOD = "offload_rt"
 FORMAT_VERSION = 1
@@ -27,11 +31,13 @@ RECORD_FORMATS = ("int8", "int4")  # a folder of float experts has no quantizati
 @dataclass(frozen=True)
 class QuantizedExperts:
     """The experts of a quantized folder: their format spec (``quant.formats.make_format``'s
-    input), the bytes of every record, and the config file both came from."""
+    input), the bytes of every record, and the config file both came from; ``trunk``: the
+    folder's int8 trunk (``offload-rt quantize --trunk int8``), None for a float trunk."""
 
     spec: dict[str, Any]
     record_bytes: int
     source: Path
+    trunk: StoredInt8Trunk | None = None
 
     @property
     def format_name(self) -> str:
@@ -65,4 +71,4 @@ def read_quantization(data: dict[str, Any], path: Path
     size = quant.get("record_bytes")
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise _bad(path, f"record_bytes must be a positive integer, got {size!r}")
-    return QuantizedExperts(dict(spec), size, path)
+    return QuantizedExperts(dict(spec), size, path, read_trunk_spec(quant.get("trunk"), path))

@@ -10,6 +10,10 @@
 | fp8 checkpoint, fp8 experts | any | ``OptionError`` naming both, as a quantized folder |
 
 An fp8 checkpoint whose experts are float (only its trunk quantized) is a float folder here.
+
+The trunk's format (``select_trunk``), by the same rule: a float trunk runs as ``--trunk``
+says (None: float); a folder's stored int8 trunk (``offload-rt quantize --trunk int8``) runs
+as int8, and ``--trunk float`` with it is refused (the float weights are not in the folder).
 """
 
 from __future__ import annotations
@@ -59,6 +63,26 @@ def select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,
                           "checkpoint's own experts (quantizing float experts to fp8 at load is "
                           "not supported): use --experts int8 or int4, or drop --experts")
     raise OptionError(f"--experts {experts!r}: choose one of float, int8, int4, fp8")
+
+
+def select_trunk(ckpt: Checkpoint, trunk: str | None, device: str) -> str:
+    """The trunk format a run of ``ckpt`` uses with the ``--trunk`` option ``trunk`` (None:
+    the folder's) on ``device``: "float" or "int8". ``OptionError`` naming the flags and the
+    folder's config.json when they contradict its stored int8 trunk."""
+    stored = ckpt.int8_trunk
+    if stored is None:
+        return trunk or "float"
+    if trunk not in (None, "int8"):
+        raise OptionError(
+            f"--trunk {trunk}: {stored.source} holds an int8 trunk (quantization_config.trunk: "
+            "attention projections and LM head stored as int8); it runs as int8 only (the "
+            "float weights are not in the folder): drop --trunk, or load the float folder")
+    if not device.startswith("cpu"):
+        raise OptionError(
+            f"--device {device}: {stored.source} holds an int8 trunk (quantization_config."
+            "trunk), which runs on --device cpu only (torch has no CUDA kernel for int8 "
+            "weight-only matrix products); run it on the CPU, or load the float folder")
+    return "int8"
 
 
 def _fp8_here(ckpt: Checkpoint, experts: str | None, group_size: int | None) -> Fp8Format:
