@@ -38,6 +38,11 @@ class MoELayer:
         self.experts.on_route(self.layer, probs, top_ids)
         if x.shape[0] == 1:
             return self._one_token(x, top_w, top_ids)
+        return self._tokens(x, top_w, top_ids)
+
+    def _tokens(self, x: torch.Tensor, top_w: torch.Tensor,
+                top_ids: torch.Tensor) -> torch.Tensor:
+        """Any number of tokens: each expert on the rows routed to it."""
         used = torch.unique(top_ids).tolist()  # sorted ascending
         out = torch.zeros_like(x)
         step = max(1, self.experts.max_group(self.layer))
@@ -56,7 +61,7 @@ class MoELayer:
 
     def _one_token(self, x: torch.Tensor, top_w: torch.Tensor,
                    top_ids: torch.Tensor) -> torch.Tensor:
-        """A decode step: the same operations on the same values as ``__call__``'s loop
+        """A decode step: the same operations on the same values as ``_tokens``' loop
         (ascending ids, y * its weight as a [1, 1] tensor so that type promotion is the same,
         added in place of the one row), without its per-expert index searches."""
         ids = top_ids[0].tolist()  # distinct: top-k picks each expert once
