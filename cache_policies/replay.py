@@ -63,13 +63,13 @@ def replay(trace: Trace, policy_factory: Callable[[], CachePolicy], capacity: Ca
     """
     segments = trace_segments(trace) if segments is None else segments
     num_layers = trace.header.num_layers
+    capacity = check_capacity(capacity, per_layer, num_layers)  # before the steps index it
     hooks = prefetch or (predictions and trace.has_predictions and _uses_predictions(
         policy_factory))
     if not hooks:
         return ReplayResult(simulate(trace.access_steps(capacity), policy_factory, capacity,
                                      per_layer=per_layer, num_layers=num_layers,
                                      segments=segment_steps(trace, segments, capacity)))
-    capacity = check_capacity(capacity, per_layer, num_layers)
     return _Replayer(policy_factory, capacity, per_layer, num_layers).run(
         trace.records, predictions, prefetch, [s.records for s in segments])
 

@@ -10,6 +10,7 @@ missing or corrupt scale tensor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,12 @@ def test_float_weight_and_bad_config_are_named(folders: dict[str, Path], source:
         config["quantization_config"]["trunk"] = trunk
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match=f"quantization_config.trunk.{field}"):
+            offload_rt.load(folder)
+    for value in ("int8", []):  # before: "format 'int8' is not supported (only 'int8'...)"
+        config["quantization_config"]["trunk"] = value
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=r"quantization_config.trunk must be an "
+                                                  rf"object such as .*, got {re.escape(repr(value))}"):
             offload_rt.load(folder)
 
 

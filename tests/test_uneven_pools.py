@@ -147,6 +147,11 @@ def test_a_trace_of_unequal_pools_replays_exactly(model_dir: Path, tmp_path: Pat
     measured = [seq["measured"] for seq in trace.header.sequences]
     assert sim.hits == sum(m["hits"] for m in measured)
     assert sim.capacities == (3, 2, 2) and sim.capacity == 2
+    # a list of the wrong length: a clear error with prefetch off too (before: IndexError)
+    from cache_policies.replay import replay
+    for prefetch in (False, True):
+        with pytest.raises(ValueError, match="2 per-layer capacities for 3 layers"):
+            replay(trace, lambda: make_policy(policy), [3, 2], prefetch=prefetch)
 
 
 def test_per_layer_sizes_are_refused_where_they_cannot_apply() -> None:

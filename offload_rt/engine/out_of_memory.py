@@ -2,7 +2,8 @@
 bytes, how much the process could still get, and the flag that would fit.
 
 torch reports a failed allocation as ``RuntimeError: ... DefaultCPUAllocator: can't allocate
-memory`` (CPU), ``torch.OutOfMemoryError`` (CUDA) or a pinned-memory ``RuntimeError``; Python
+memory`` (CPU), ``RuntimeError: std::bad_alloc`` (a C++ allocation in a kernel),
+``torch.OutOfMemoryError`` (CUDA) or a pinned-memory ``RuntimeError``; Python
 as ``MemoryError``; a thread whose stack cannot be mapped as ``RuntimeError: can't start new
 thread``. The budget is planned from available RAM (or the flags), which does not see a
 process limit (``ulimit -v``, ``prlimit --as``) or a container's cgroup limit; those are
@@ -31,13 +32,15 @@ MARGIN = 16 * 2**20  # left unplanned in a suggested budget: thread stacks, allo
 # of it is ever touched: the prefetch thread and torch's intra-op threads need one each. Without
 # counting them a suggested budget failed ~1 run in 10 under a busy CPU.
 ARENA_ADDRESS_SPACE = 64 * 2**20
+# matched without regard to case; std::bad_alloc: a failed C++ allocation inside a kernel (seen
+# in scaled_dot_product_attention under `prlimit --as`)
 _OOM_TEXT = ("can't allocate memory", "out of memory", "cannot allocate memory",
-             "can't start new thread", "cudaHostAlloc", "CUDA error: out of memory")
+             "can't start new thread", "cudahostalloc", "std::bad_alloc")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and any(
-        text in str(exc) for text in _OOM_TEXT)
+        text in str(exc).lower() for text in _OOM_TEXT)
 
 
 @dataclass(frozen=True)

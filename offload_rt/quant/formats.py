@@ -164,6 +164,12 @@ class _QuantizedFormat:
     def _quantize_rows(self, q: torch.Tensor, s: torch.Tensor, row: int, w: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def scales(self, record: torch.Tensor) -> list[torch.Tensor]:
+        """The record's scale parts (int8: scales; int4: scales and zero points): non-finite
+        exactly when a quantized row held NaN or infinity."""
+        v = self.layout.views(record)
+        return [v["s13"], v["s2"]]
+
     def ffn(self, x: torch.Tensor, record: torch.Tensor) -> torch.Tensor:
         v = self.layout.views(record)
         xs = x.to(self.scale_dtype)

@@ -144,18 +144,20 @@ def read_dequantized(info: TensorInfo, scale: TensorInfo, scheme: Fp8Scheme,
 def scale_rows(scale: TensorInfo, grid: tuple[int, int], *, drop_page_cache: bool
                ) -> torch.Tensor:
     """An expert matrix's scale tensor as float32 ``grid`` (``quant.fp8_reader``); a scale
-    that is inf or NaN is a ``CheckpointError`` naming the tensor when the expert is read."""
+    that is inf, NaN or negative is a ``CheckpointError`` naming the tensor when the expert is
+    read."""
     return _finite(read_tensor(scale, drop_page_cache=drop_page_cache).float(), scale
                    ).reshape(grid)
 
 
 def _finite(scales: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """``scales`` unless one is inf or NaN (the weights would compute non-finite logits far
-    from the cause): ``CheckpointError`` naming the file and tensor."""
-    bad = ~torch.isfinite(scales)
+    from the cause) or negative (a scale is a magnitude, absmax / 448: every writer's is >= 0;
+    0 is kept, an all-zero row's): ``CheckpointError`` naming the file and tensor."""
+    bad = ~torch.isfinite(scales) | (scales < 0)
     if bool(bad.any()):
         value = scales[bad][0].item()
         raise CheckpointError(f"{info.path}: tensor '{info.name}' holds a scale of {value} "
-                              f"({int(bad.sum())} of {scales.numel()} not finite): the "
-                              "checkpoint is corrupt")
+                              f"({int(bad.sum())} of {scales.numel()} not finite or "
+                              "negative): the checkpoint is corrupt")
     return scales

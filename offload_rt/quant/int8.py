@@ -1,6 +1,9 @@
 """int8 weights: symmetric, one scale per output channel (row).
 
-    scale[n] = max_k |w[n, k]| / 127   (rounded to the scale dtype first; an all-zero row: 1)
+    scale[n] = max_k |w[n, k]| / 127   (rounded to the scale dtype first; an all-zero row: 1;
+                                        a row holding NaN or infinity: that non-finite value,
+                                        so the model computes NaN with it as the float one does
+                                        and the non-finite logits check names it)
     q[n, k]  = clamp(round(w[n, k] / scale[n]), -127, 127)       w ~ q * scale
 
 The scale is rounded to the dtype it is stored in *before* ``q`` is computed, so the stored
@@ -17,7 +20,7 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
     """w [N, K] float -> (q int8 [N, K], scale [N] in ``scale_dtype``)."""
     w = w.float()
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(scale_dtype)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127).to(scale_dtype)
     q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 

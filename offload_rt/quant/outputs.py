@@ -18,6 +18,7 @@ import torch
 
 from offload_rt import tensor_names as names
 from offload_rt.config import ModelConfig
+from offload_rt.errors import CheckpointError
 from offload_rt.quant.formats import ExpertFormat
 from offload_rt.quant.fp8 import FP8
 from offload_rt.quant.fp8_writer import (
@@ -72,10 +73,32 @@ class RecordOutput:
 
     def tensors(self, layer: int, expert: int, w1: torch.Tensor, w3: torch.Tensor,
                 w2: torch.Tensor) -> Tensors:
-        return [(names.record_name(layer, expert, self.family), self.fmt.encode(w1, w3, w2))]
+        record = self.fmt.encode(w1, w3, w2)
+        scales = getattr(self.fmt, "scales", None)
+        if scales is not None:
+            for w, scale in zip(("w1, w3", "w2"), scales(record), strict=True):
+                require_finite(scale, f"layer {layer}, expert {expert}, {w}")
+        return [(names.record_name(layer, expert, self.family), record)]
 
     def quantization_config(self, record: dict[str, Any]) -> dict[str, Any]:
         return record
+
+
+class NonFiniteWeights(CheckpointError):
+    """A source tensor holds NaN or infinity: its quantized copy would be a corrupt folder."""
+
+
+def require_finite(scale: torch.Tensor, what: str) -> None:
+    """``NonFiniteWeights`` naming ``what`` when a quantized row's ``scale`` is not finite
+    (every scheme here gives a row holding NaN or infinity a non-finite scale). Checking the
+    scales costs nothing next to the weights (bf16 ``isfinite`` over a Mixtral 8x7B matrix:
+    ~1 s on 2 cores)."""
+    bad = ~torch.isfinite(scale.float())
+    if bool(bad.any()):
+        raise NonFiniteWeights(f"{what}: {int(bad.sum())} of {scale.shape[0]} rows (output "
+                               "channels) hold NaN or infinity, which no quantized format can "
+                               "store; the model computes NaN with them: fix the source "
+                               "weights (the float folder runs and reports non-finite logits)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class Fp8Output:
         out: Tensors = []
         for name, w in zip(self._names(layer, expert), (w1, w3, w2), strict=True):
             q, scale = quantize_fp8_channel(w)
+            require_finite(scale, name)
             out += [(name, q), (name.removesuffix("weight") + SCALE_SUFFIX, scale)]
         return out
 
@@ -151,6 +175,7 @@ class TrunkOutput:
         if not self.quantized(canonical):
             return [(name, tensor)]
         q, scale = quantize_matrix(tensor, self.scale_dtype)
+        require_finite(scale, name)
         return [(name, q), (scale_name(name), scale)]
 
     def quantization_config(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,14 @@ from offload_rt.quant.folder_files import refuse_quantized_source
 from offload_rt.quant.formats import GROUP_SIZES, ExpertFormat, Int4Format, Int8Format
 from offload_rt.quant.fp8 import Fp8Format
 from offload_rt.quant.output_dir import check_space, check_target, staged_folder
-from offload_rt.quant.outputs import ExpertOutput, Fp8Output, RecordOutput, TrunkOutput, fp8_ignore
+from offload_rt.quant.outputs import (
+    ExpertOutput,
+    Fp8Output,
+    NonFiniteWeights,
+    RecordOutput,
+    TrunkOutput,
+    fp8_ignore,
+)
 from offload_rt.quant.shards import INDEX_FILE, ShardPlan, Trunk, index_json, plan_shards
 from offload_rt.quant.source import CheckpointSource, QuantSource
 from offload_rt.quant.writer import ShardFile, file_bytes
@@ -183,6 +190,9 @@ def _write_shard(src: QuantSource, written: tuple[ExpertOutput, TrunkOutput], pl
             for name, stored in trunk.tensors(canonical, tensor):
                 shard.write(name, stored)
         shard.close()
+    except NonFiniteWeights as exc:
+        shard.abort()
+        raise NonFiniteWeights(f"{src.model_dir}: {exc}") from None
     except BaseException:
         shard.abort()
         raise

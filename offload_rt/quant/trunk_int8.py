@@ -58,9 +58,12 @@ def read_trunk_spec(value: object, path: Path) -> StoredInt8Trunk | None:
     if value is None:
         return None
     where = f"{path}: quantization_config.trunk"
-    if not isinstance(value, dict) or value.get("format") != TRUNK_FORMAT:
-        shown = value.get("format") if isinstance(value, dict) else value
-        raise CheckpointError(f"{where}.format {shown!r} is not supported (only "
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} must be an object such as {trunk_spec(torch.bfloat16)} "
+                              f"(or absent for a float trunk), got {value!r} "
+                              "(docs/quantized_format.md)")
+    if value.get("format") != TRUNK_FORMAT:
+        raise CheckpointError(f"{where}.format {value.get('format')!r} is not supported (only "
                               f"{TRUNK_FORMAT!r}; a float trunk has no 'trunk' field) "
                               "(docs/quantized_format.md)")
     dtype = value.get("scale_dtype")
