@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from offload_rt.config import ModelConfig
+from offload_rt.engine import work_memory as wm
 from offload_rt.engine.transfer import HostToDevice
 from offload_rt.quant.formats import ExpertFormat
 
@@ -140,8 +141,6 @@ def host_work_bytes(cfg: ModelConfig, fmt: ExpertFormat, dtype: torch.dtype,
     record, bounded by what a whole CPU forward of that many tokens allocates
     (``work_memory.forward_peak`` and ``gemm_scratch``, with their safety margin) plus x's rows
     copied to the host and y's (H each). Reserved from ``--cpu-memory``."""
-    from offload_rt.engine import work_memory as wm
-
     threads = torch.get_num_threads()
     peak = wm.forward_peak(cfg, dtype, tokens, 1, device_type="cpu", threads=threads, fmt=fmt)
     peak += wm.gemm_scratch(cfg, dtype, tokens, device_type="cpu", threads=threads, fmt=fmt)

@@ -4,7 +4,8 @@
 
 Demand loads run in the caller's thread (a stall, timed); predicted loads run on the prefetch
 threads. With ``hybrid`` (``engine.hybrid``), a device-tier miss that few tokens need is not
-moved to the device at all: it is pinned in the host tier and the CPU computes it. One condition variable guards every cache's bookkeeping; bytes move outside it.
+moved to the device at all: it is pinned in the host tier and the CPU computes it. One
+condition variable guards every cache's bookkeeping; bytes move outside it.
 
 Faults (README "What happens when things go wrong"): every transition is undone on every
 exception path (a reserved slot is given back, a pin released); a failure on the prefetch
@@ -128,13 +129,12 @@ class OffloadedExperts(ExpertMover):
                         slots[key.expert] = self._acquire_one(key, keys)
             for slot in slots.values():
                 self.h2d.ready(slot)
-            if not host_slots:
-                yield {e: self.device.slots[s] for e, s in slots.items()}
-                return
-            assert self.host is not None
             buffers = {e: self.device.slots[s] for e, s in slots.items()}
-            buffers |= {e: self.host.slots[s] for e, s in host_slots.items()}
-            yield ExpertBuffers(dict(sorted(buffers.items())), frozenset(host_slots))
+            if host_slots:
+                assert self.host is not None
+                buffers |= {e: self.host.slots[s] for e, s in host_slots.items()}
+                buffers = ExpertBuffers(buffers, frozenset(host_slots))
+            yield buffers
         finally:
             with self._cond:
                 for e, slot in slots.items():
