@@ -78,7 +78,9 @@ def _read_bounced(fd: int, path: Path, offset: int, view: memoryview) -> None:
     time: the aligned blocks covering each chunk are read, then the chunk is copied out."""
     pos = 0
     size = min(BOUNCE, len(view)) + 2 * ALIGN  # the covering blocks of one chunk fit
-    with mmap.mmap(-1, size) as bounce:  # page-aligned anonymous memory
+    # page-aligned anonymous memory, used through a memoryview: slicing the mmap itself would
+    # copy each chunk into a new bytes object (BOUNCE bytes more per read in flight, unplanned)
+    with mmap.mmap(-1, size) as bounce, memoryview(bounce) as buf:
         while pos < len(view):
             chunk_at = offset + pos
             start = chunk_at // ALIGN * ALIGN
@@ -86,12 +88,12 @@ def _read_bounced(fd: int, path: Path, offset: int, view: memoryview) -> None:
             stop = -(-(chunk_at + take) // ALIGN) * ALIGN
             need, done = chunk_at + take - start, 0
             while done < need:  # the file may end inside the last block: a short read
-                n = os.preadv(fd, [memoryview(bounce)[done: stop - start]], start + done)
+                n = os.preadv(fd, [buf[done: stop - start]], start + done)
                 if n <= 0:
                     raise CheckpointError(f"{path}: unexpected end of file at byte "
                                           f"{start + done}")
                 done += n
-            view[pos: pos + take] = bounce[chunk_at - start: need]
+            view[pos: pos + take] = buf[chunk_at - start: need]
             pos += take
 
 

@@ -28,7 +28,7 @@ from offload_rt.engine.out_of_memory import (
 from offload_rt.engine.resident import load_resident
 from offload_rt.engine.sizes import format_size
 from offload_rt.engine.stats import EngineStats
-from offload_rt.errors import BusyError, OptionError
+from offload_rt.errors import BudgetError, BusyError, OptionError
 from offload_rt.generation import GenerationConfig, GenerationResult, stream_text
 from offload_rt.generation_config import read_generation_config
 from offload_rt.model.build import Progress, build_trunk
@@ -249,8 +249,10 @@ class Runtime:
             self.last_result = text_stream.result
             try:
                 yield from text_stream
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
+            except Exception as exc:  # the request failed: only allocation failures translate
+                if isinstance(self.experts, OffloadedExperts):
+                    self.experts.forget_request()
+                if isinstance(exc, BudgetError) or not is_out_of_memory(exc):
                     raise
                 raise generation_out_of_memory_error(
                     exc, self.plan, device=self.device, prompt_tokens=len(ids),

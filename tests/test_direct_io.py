@@ -10,6 +10,7 @@ import itertools
 import mmap
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,28 @@ def test_bodies_land_in_place_and_leave_no_pages(data_file: tuple[Path, bytes],
     assert cached_pages(path) == 0
     read_range(path, offset, view, base + offset, direct=False)  # control: buffered reads cache
     assert cached_pages(path) > 0
+
+
+def test_a_bounced_read_allocates_no_copy_of_its_chunk(data_file: tuple[Path, bytes],
+                                                       fresh_refusals: set[Path]) -> None:
+    """CI failure (stop 22): a read that could not land in place sliced the bounce mmap, which
+    copied each chunk into a new bytes object, BOUNCE bytes per read in flight that no plan
+    counted; under an address-space limit the suggested budget's first expert read then
+    failed with MemoryError. The chunk now goes through a memoryview."""
+    path, data = data_file
+    if not _supports_direct(path):
+        pytest.skip("this file system refuses O_DIRECT: nothing is bounced")
+    buf, base = _aligned_buffer(DATA_LEN + ALIGN)
+    offset, length = 1000, 9 * ALIGN + 123
+    misplaced = memoryview(buf)[8: 8 + length]  # not congruent with the offset: bounced
+    tracemalloc.start()
+    try:
+        assert not read_range(path, offset, misplaced, base + 8, direct=True)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bytes(misplaced) == data[offset: offset + length]
+    assert peak < ALIGN, peak  # was the chunk: 9 * ALIGN + 123 bytes
 
 
 def test_refused_o_direct_falls_back_once_with_a_warning(

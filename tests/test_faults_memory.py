@@ -196,6 +196,37 @@ def test_out_of_memory_during_generation_is_a_budget_error_and_the_runtime_goes_
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("failure", [MemoryError(), OSError(12, "Cannot allocate memory")])
+def test_an_expert_read_out_of_memory_is_a_budget_error(
+        tiny_hf_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, prefetch: int,
+        failure: BaseException) -> None:
+    """CI failure (stop 22): an expert read that ran out of memory mid-generation came out as
+    'loading expert L0E0 failed: MemoryError' (a LoaderError; an ENOMEM read as a
+    CheckpointError naming the file), not the out-of-memory error with its advice. With
+    prefetch, the prefetch thread's reads fail later than the demand read that ends the
+    request: their failure was then raised by the next request (which had nothing wrong)."""
+    import threading
+    import time
+
+    from offload_rt.checkpoint import Checkpoint
+
+    real = Checkpoint.read_expert_into
+
+    def fail(*args: object, **kwargs: object) -> int:
+        if threading.current_thread().name == "offload-rt-prefetch":
+            time.sleep(0.2)  # after the demand read has failed the request
+        raise failure
+
+    with offload_rt.load(tiny_hf_checkpoint, dtype="float32", cache_experts=2,
+                         prefetch=prefetch) as rt:
+        monkeypatch.setattr(Checkpoint, "read_expert_into", fail)
+        with pytest.raises(BudgetError, match="out of memory during generation"):
+            rt.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True)
+        monkeypatch.setattr(Checkpoint, "read_expert_into", real)
+        assert len(rt.generate([1, 2, 3], max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+
 def test_a_failure_that_is_not_memory_stays_itself(tiny_hf_checkpoint: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
@@ -263,3 +294,29 @@ def test_arenas_already_mapped_are_not_counted_again() -> None:
     have = oom._arena_heaps(Path("/proc/self/maps").read_text())
     wanted = torch.get_num_threads()
     assert oom.missing_arena_bytes() == max(0, wanted - have) * oom.ARENA_ADDRESS_SPACE
+
+
+def test_the_prefetch_threads_stacks_are_left_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI failure (stop 22): the advice's budget ran out of address space on its first
+    expert reads; the prefetch threads start after the slots are allocated, and their stacks
+    (8 MiB each by default) were not left free. Now each one's is."""
+    from offload_rt.engine import out_of_memory as oom
+    from offload_rt.engine.prefetch import PREFETCH_READERS
+
+    monkeypatch.setattr(oom.threading, "stack_size", lambda: 3 * 2**20)
+    assert oom.thread_stack_bytes() == PREFETCH_READERS * 3 * 2**20
+    monkeypatch.setattr(oom.threading, "stack_size", lambda: 0)
+    monkeypatch.setattr(oom.resource, "getrlimit", lambda which: (5 * 2**20, -1))
+    assert oom.thread_stack_bytes() == PREFETCH_READERS * 5 * 2**20
+    monkeypatch.setattr(oom.resource, "getrlimit",
+                        lambda which: (oom.resource.RLIM_INFINITY, oom.resource.RLIM_INFINITY))
+    assert oom.thread_stack_bytes() == PREFETCH_READERS * oom.DEFAULT_STACK
+
+
+def test_every_read_in_flight_is_planned() -> None:
+    """CI failure (stop 22): the work memory planned two expert reads in flight (the forward's
+    and one prefetch thread's) while the engine runs PREFETCH_READERS prefetch threads."""
+    from offload_rt.engine import work_memory
+    from offload_rt.engine.prefetch import PREFETCH_READERS
+
+    assert work_memory.READERS == 1 + PREFETCH_READERS

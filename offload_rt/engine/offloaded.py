@@ -29,7 +29,7 @@ from offload_rt.engine.expert_cache import LOADING, RESIDENT, describe
 from offload_rt.engine.hybrid import HybridRule
 from offload_rt.engine.mover import WAIT_S, WAIT_TIMEOUT_S, ExpertMover, Reader
 from offload_rt.engine.placement import Placement
-from offload_rt.engine.prefetch import NextLayerPredictor, PrefetchWorker
+from offload_rt.engine.prefetch import PREFETCH_READERS, NextLayerPredictor, PrefetchWorker
 from offload_rt.engine.stats import EngineStats
 from offload_rt.engine.tier import Tier
 from offload_rt.engine.transfer import HostToDevice
@@ -37,8 +37,6 @@ from offload_rt.errors import LoaderError, PolicyError
 from offload_rt.model.experts import ExpertBuffers
 
 log = logging.getLogger(__name__)
-# prefetch threads, each with one read in flight (benchmarks/results/mixtral_8x7b_ab.json)
-PREFETCH_READERS = 2
 
 
 def _count_evicted(stats: EngineStats, key: ExpertKey) -> None:
@@ -298,6 +296,21 @@ class OffloadedExperts(ExpertMover):
                         raise LoaderError(f"the prefetch thread has been loading for "
                                           f"{WAIT_TIMEOUT_S:.0f} s: a hung read?")
                     self._cond.wait(WAIT_S)
+
+    def forget_request(self) -> None:
+        """After a request ended with an error (reported to its caller): wait for the prefetch
+        made for it and drop a failure the prefetch thread met meanwhile, so the next request
+        does not end with the last one's (a failure that persists, such as a lost disk, meets
+        the next request's own reads)."""
+        try:
+            self.drain()
+        except LoaderError as exc:  # a hung read: the next request's waits report it
+            log.warning("%s", exc)
+        with self._cond:
+            if self._error is not None:
+                log.info("dropped a prefetch failure of the request that failed: %s",
+                         describe(self._error))
+                self._error = None
 
     def close(self) -> None:
         """Stop the prefetch thread (waits for a read in flight, up to 10 s)."""

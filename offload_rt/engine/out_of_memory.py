@@ -12,8 +12,10 @@ measured here, after the fact, to say what would fit.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import resource
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,16 +24,18 @@ import torch
 
 from offload_rt.config import ModelConfig
 from offload_rt.engine.budget import MemoryPlan, plan_memory, slots_text
+from offload_rt.engine.prefetch import PREFETCH_READERS
 from offload_rt.engine.sizes import format_size
 from offload_rt.errors import BudgetError
 from offload_rt.options import POOL_CHOICE, RuntimeOptions, option_name
 
-MARGIN = 16 * 2**20  # left unplanned in a suggested budget: thread stacks, allocator slack
+MARGIN = 16 * 2**20  # left unplanned in a suggested budget: allocator slack, small buffers
 # glibc gives each thread that allocates a heap arena of its own (up to 8 per core), reserving
 # 64 MiB of address space (HEAP_MAX_SIZE on 64-bit) that counts against RLIMIT_AS though little
 # of it is ever touched: the prefetch thread and torch's intra-op threads need one each. Without
 # counting them a suggested budget failed ~1 run in 10 under a busy CPU.
 ARENA_ADDRESS_SPACE = 64 * 2**20
+DEFAULT_STACK = 8 * 2**20  # a thread's stack when RLIMIT_STACK is unlimited (an upper bound)
 # matched without regard to case; std::bad_alloc: a failed C++ allocation inside a kernel (seen
 # in scaled_dot_product_attention under `prlimit --as`)
 _OOM_TEXT = ("can't allocate memory", "out of memory", "cannot allocate memory",
@@ -39,8 +43,19 @@ _OOM_TEXT = ("can't allocate memory", "out of memory", "cannot allocate memory",
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and any(
-        text in str(exc).lower() for text in _OOM_TEXT)
+    """``exc`` or an exception it was raised from (``__cause__``: an expert load's
+    ``LoaderError`` wraps its reader's failure) is an allocation failure: a ``MemoryError``,
+    an ``OSError`` with ``ENOMEM``, or a ``RuntimeError`` whose text says so (``_OOM_TEXT``)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, MemoryError) or isinstance(cause, OSError) and \
+                cause.errno == errno.ENOMEM or isinstance(cause, RuntimeError) and any(
+                    text in str(cause).lower() for text in _OOM_TEXT):
+            return True
+        cause = cause.__cause__
+    return False
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,18 @@ def missing_arena_bytes() -> int:
     return max(0, wanted - have) * ARENA_ADDRESS_SPACE
 
 
+def thread_stack_bytes() -> int:
+    """Address space the prefetch threads' stacks reserve when the engine starts them (after
+    its slots are allocated, so the advice must leave it free): ``PREFETCH_READERS`` stacks
+    of ``threading.stack_size()`` when set, else glibc's default, the soft ``RLIMIT_STACK``
+    (8 MiB assumed when that is unlimited; glibc then takes less)."""
+    size = threading.stack_size()
+    if not size:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_STACK)
+        size = DEFAULT_STACK if soft == resource.RLIM_INFINITY else soft
+    return PREFETCH_READERS * size
+
+
 def _cgroup_headroom() -> int | None:
     root = Path("/sys/fs/cgroup")
     try:
@@ -98,11 +125,12 @@ def headroom(device: torch.device) -> Headroom:
     found = [Headroom(psutil.virtual_memory().available, "available RAM")]
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        arenas = missing_arena_bytes()
-        found.append(Headroom(soft - psutil.Process().memory_info().vms - arenas,
+        arenas, stacks = missing_arena_bytes(), thread_stack_bytes()
+        found.append(Headroom(soft - psutil.Process().memory_info().vms - arenas - stacks,
                               f"the process's address-space limit (ulimit -v) of "
                               f"{format_size(soft)}, less {format_size(arenas)} of other "
-                              "threads' malloc arenas"))
+                              f"threads' malloc arenas and {format_size(stacks)} of the "
+                              "prefetch threads' stacks"))
     cgroup = _cgroup_headroom()
     if cgroup is not None:
         found.append(Headroom(cgroup, "the container's memory limit (cgroup memory.max)"))

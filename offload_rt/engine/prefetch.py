@@ -25,6 +25,10 @@ from cache_policies import ExpertKey
 from offload_rt.model.norm import RMSNorm
 from offload_rt.model.router import Router
 
+# prefetch threads, each with one read in flight (benchmarks/results/mixtral_8x7b_ab.json);
+# the host memory their reads use is planned in work_memory.READERS
+PREFETCH_READERS = 2
+
 
 class NextLayerPredictor:
     """Applies later layers' norms and gates (resident) to the current hidden state."""

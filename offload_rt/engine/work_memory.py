@@ -24,6 +24,7 @@ import torch
 from offload_rt.config import ModelConfig
 from offload_rt.direct_io import ALIGN, BOUNCE
 from offload_rt.engine import quant_memory, trunk_memory
+from offload_rt.engine.prefetch import PREFETCH_READERS
 from offload_rt.model import cpu_linear
 from offload_rt.quant import fp8_memory
 from offload_rt.quant.formats import ExpertFormat, default_scale_dtype
@@ -46,7 +47,8 @@ ONEDNN_TORCH_SCRATCH = 256 * 2**10  # the part of it oneDNN takes from torch's a
 # bf16_shapes); cpu_linear pads row counts to row_bucket's sizes so the pairs are bounded.
 ONEDNN_PER_SHAPE = 704 * 2**10
 CUDA_BLAS_WORKSPACES = 40 * MiB  # cuBLASLt's (32 MiB on Hopper, pytorch#120925) + cuBLAS's
-READERS = 2  # expert reads in flight at once: the forward's own (a miss) and the prefetch thread's
+# expert reads in flight at once: the forward's own (a miss) and each prefetch thread's
+READERS = 1 + PREFETCH_READERS
 # per vocabulary id: the sampler's float32/int64/bool copies of the logits (top-p: ~34), the
 # finiteness check's and the never-sampled ids' mask's (~5)
 SAMPLER_BYTES_PER_ID = 48
