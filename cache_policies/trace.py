@@ -54,6 +54,8 @@ class TraceHeader:
     sequences: list[dict[str, Any]] = field(default_factory=list)  # per generate call
     metadata: dict[str, Any] = field(default_factory=dict)  # anything else the recorder adds
     pool_capacities: list[int] | None = None  # each layer's pool when they differ; None: same
+    trunk: str = "float"  # the run's trunk format ("int8": --trunk int8); older traces: float
+    hybrid: str = "off"  # misses computed on the CPU (--hybrid) in the run; older traces: off
 
 
 @dataclass(frozen=True)

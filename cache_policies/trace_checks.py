@@ -1,7 +1,8 @@
 """What a routing trace must hold to be replayed: header values, record fields and their order.
 
 The rules are those of ``docs/trace_format.md`` (version 1): the header's model shape is
-positive (``1 <= top_k <= num_experts``); a record's ``experts`` are ``[T][top_k]`` distinct
+positive (``1 <= top_k <= num_experts``), per-layer pool sizes (``pool_capacities``) within
+``top_k .. num_experts``; a record's ``experts`` are ``[T][top_k]`` distinct
 expert ids (JSON integers) for ``T >= 1`` tokens; ``step`` indexes the forward calls 0, 1, ...
 in order, and within a call the records run through the layers in ascending order, all for the
 call's same tokens (``seq``, ``pos``, T). ``trace.read_trace`` applies them and prefixes the
@@ -32,8 +33,9 @@ def header_problem(obj: Mapping[str, Any]) -> str | None:
     """Why the header's shape fields cannot describe a model, or None when they can.
 
     ``num_layers``, ``num_experts`` >= 1; ``top_k`` in 1..num_experts; ``expert_bytes`` >= 1
-    when present (None or absent: unknown); ``pool_capacities`` one integer >= 1 per layer
-    when present. Each message reads ``header field 'NAME' ...``.
+    when present (None or absent: unknown); ``pool_capacities`` (``_pool_capacities_problem``);
+    ``trunk`` and ``hybrid`` strings when present.
+    Each message reads ``header field 'NAME' ...``.
     """
     rules: list[tuple[str, int, int | None, str]] = [
         ("num_layers", 1, None, ""), ("num_experts", 1, None, "")]
@@ -47,17 +49,38 @@ def header_problem(obj: Mapping[str, Any]) -> str | None:
             continue
         bound = f"between {low} and {high_name} ({high})" if high is not None else f">= {low}"
         return f"header field {name!r} must be an integer {bound}, got {value!r}"
-    return _pool_capacities_problem(obj)
+    return _pool_capacities_problem(obj) or _run_options_problem(obj)
+
+
+def _run_options_problem(obj: Mapping[str, Any]) -> str | None:
+    """``trunk`` and ``hybrid``, when present: the run's option values, as text."""
+    spellings = {"trunk": "'float' or 'int8'", "hybrid": "'off', 'auto' or 'always'"}
+    for name, spelling in spellings.items():
+        value = obj.get(name, "")
+        if not isinstance(value, str):
+            return (f"header field {name!r} must be a string (the run's --{name}: {spelling}), "
+                    f"got {value!r}")
+    return None
 
 
 def _pool_capacities_problem(obj: Mapping[str, Any]) -> str | None:
-    """``pool_capacities``, when present: one integer >= 1 per layer."""
+    """``pool_capacities``, when present (not null): each layer's pool, as the runtime makes
+    them: one integer per layer from ``top_k`` (a token's experts of a layer are pinned
+    together) to ``num_experts`` (a pool of every expert of its layer cannot grow), and only
+    with per-layer pools (``pool`` "global" has one pool: its size is ``capacity``).
+    ``top_k`` and ``num_experts`` must be valid already (``header_problem``)."""
     sizes = obj.get("pool_capacities")
-    if sizes is None or (isinstance(sizes, list) and len(sizes) == obj["num_layers"]
-                         and all(is_int(v) and v >= 1 for v in sizes)):
+    if sizes is None:
         return None
-    return (f"header field 'pool_capacities' must be a list of {obj['num_layers']} integers "
-            f">= 1 (one per layer) or null, got {sizes!r}")
+    layers, low, high = obj["num_layers"], obj["top_k"], obj["num_experts"]
+    if not (isinstance(sizes, list) and len(sizes) == layers
+            and all(is_int(v) and low <= v <= high for v in sizes)):
+        return (f"header field 'pool_capacities' must be a list of {layers} integers (one per "
+                f"layer) between top_k ({low}) and num_experts ({high}), or null, got {sizes!r}")
+    if obj.get("pool") == "global":
+        return ("header field 'pool_capacities' lists per-layer pools, but header field 'pool' "
+                "is 'global' (one pool, of 'capacity' slots): a trace has one or the other")
+    return None
 
 
 def record_object(obj: object) -> Mapping[str, Any]:

@@ -117,6 +117,18 @@ def planned_bytes(rt: Runtime) -> int:
     return fp.fixed + slots * fp.slot
 
 
+def _cache_sizes(rt: Runtime) -> dict[str, Any]:
+    """The device tier's expert slots (None: experts resident): ``cache_experts_per_layer``,
+    their average over layers (a float: per-layer pools differ where a budget's spare slots go
+    to the first layers, and one global pool's slots are shared), and
+    ``cache_experts_by_layer``, each layer's pool in layer order (None for a global pool)."""
+    if not rt.offloaded:
+        return {"cache_experts_per_layer": None, "cache_experts_by_layer": None}
+    per_layer = getattr(rt.experts, "per_layer", True)
+    return {"cache_experts_per_layer": rt.plan.device_slots / rt.config.num_layers,
+            "cache_experts_by_layer": list(rt.plan.pool_capacities) if per_layer else None}
+
+
 def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
               seed: int = 0, report: Report | None = None,
               baseline_rss: int | None = None) -> dict[str, Any]:
@@ -126,6 +138,8 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
     ``baseline_rss`` (``process_memory.process_baseline_rss``, measured before the model was
     loaded) is reported as ``process_baseline_rss_bytes``: what the budget does not cover;
     ``memory_planned_bytes`` is what the plan allocates within ``memory_budget_bytes``.
+    Cache size: ``options.cache_experts_per_layer`` (an average) and
+    ``options.cache_experts_by_layer`` (``_cache_sizes``).
     """
     check_settings(prompt_tokens, new_tokens, repeats)
     prompt = bench_prompt(rt.config.vocab_size, prompt_tokens, seed)
@@ -146,8 +160,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
     return {
         "model_dir": str(rt.checkpoint.model_dir), "offloaded": rt.offloaded,
         "options": {"device": o.device, "dtype": str(rt.dtype).removeprefix("torch."),
-                    "cache_experts_per_layer": (rt.plan.device_slots / rt.config.num_layers
-                                                if rt.offloaded else None),
+                    **_cache_sizes(rt),
                     "policy": o.policy, "prefetch": o.prefetch, "trunk": o.trunk,
                     "hybrid": o.hybrid,
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},

@@ -27,6 +27,7 @@ from offload_rt.quant.fp8_scheme import Fp8Scheme
 from offload_rt.quant.fp8_tensors import check_header, fp8_scales, read_dequantized
 from offload_rt.quant.trunk_int8 import SCALE_SUFFIX, int8_trunk_scales, read_int8
 from offload_rt.safetensors_file import TensorInfo, read_header, read_into, read_tensor
+from offload_rt.unused_tensors import check_unused, declared_quantization
 from offload_rt.weight_file import WeightFile
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -232,12 +233,9 @@ class Checkpoint:
                                       f", the config implies {list(shape)}")
             _check_dtype(info, record=name.endswith(".record"),
                          fp8=name in self.fp8_scales or name in self.int8_scales)
-        extra = [n for n in self._tensors if n not in expected
-                 and not n.endswith(names.IGNORED_SUFFIXES)]
-        if extra:
-            raise CheckpointError(f"{self.model_dir}: unexpected tensors {sorted(extra)[:5]} "
-                                  f"({len(extra)} in all): not a {self.config.family} checkpoint "
-                                  "(config.json's model_type)?")
+        config = self.model_dir / ("config.json" if self.layout == names.HF else "params.json")
+        check_unused(self._tensors, expected, self.model_dir, self.config.family,
+                     declared_quantization(config, self.fp8 or self.quantization))
 
     @property
     def expert_dtype(self) -> torch.dtype:

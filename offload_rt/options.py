@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,9 @@ def option_name(name: str, value: object = _NOT_GIVEN) -> str:
     ``option_name("cache_experts")`` -> ``--cache-experts (cache_experts=)``;
     ``option_name("cache_experts", 3)`` -> ``--cache-experts 3 (cache_experts=3)``;
     ``option_name("offload", False)`` -> ``--no-offload (offload=False)``; an option with no
-    flag by its keyword alone (``prefill_chunk=512``).
+    flag by its keyword alone (``prefill_chunk=512``). A text value after the flag is quoted as
+    a shell needs it (``shlex.quote``): ``option_name("hybrid", "")`` -> ``--hybrid ''
+    (hybrid='')``.
     """
     keyword = f"{name}=" if value is _NOT_GIVEN else f"{name}={value!r}"
     if name in _NO_FLAG:
@@ -50,7 +53,9 @@ def option_name(name: str, value: object = _NOT_GIVEN) -> str:
     flag = "--" + name.replace("_", "-")
     if name == "offload" and isinstance(value, bool):
         return f"{'--offload' if value else '--no-offload'} ({keyword})"
-    return f"{flag} ({keyword})" if value is _NOT_GIVEN else f"{flag} {value} ({keyword})"
+    if value is _NOT_GIVEN:
+        return f"{flag} ({keyword})"
+    return f"{flag} {shlex.quote(value) if isinstance(value, str) else value} ({keyword})"
 
 
 _SIZE = "a size such as '6GiB' or '512MB', a byte count, 'auto' or None"

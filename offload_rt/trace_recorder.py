@@ -139,7 +139,10 @@ class TracingExperts:
 
 def runtime_header(rt: Any, prompt_source: str | None = None,
                    metadata: Mapping[str, Any] | None = None) -> TraceHeader:
-    """The header for a trace of ``rt`` (an ``offload_rt.Runtime``): model and cache settings."""
+    """The header for a trace of ``rt`` (an ``offload_rt.Runtime``): model and cache settings,
+    the trunk format it ran (``--trunk``, resolved: "float" or "int8") and its ``--hybrid``
+    mode where misses could run on the CPU ("off" where none could: hybrid off, a CPU run, a
+    resident run, or a start-up measurement that never favoured the CPU)."""
     cfg, experts = rt.config, rt.experts
     offloaded = isinstance(experts, OffloadedExperts)
     sizes = [p.capacity for p in experts.device.cache.pools] if offloaded else [0]
@@ -153,7 +156,8 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
         pool_capacities=sizes if len(set(sizes)) > 1 else None,  # a budget's spare slots
         pool=("layer" if experts.per_layer else "global") if offloaded else None,
         max_group=experts.max_group(0), prefetch=experts.depth if offloaded else 0,
-        prompt_source=prompt_source,
+        prompt_source=prompt_source, trunk=rt.options.trunk or "float",
+        hybrid=rt.options.hybrid if offloaded and experts.hybrid is not None else "off",
         metadata={"dtype": str(rt.dtype).removeprefix("torch."),
                   "cache_experts": rt.options.cache_experts,
                   "experts": rt.expert_format.spec(), **dict(metadata or {})})

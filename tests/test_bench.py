@@ -142,3 +142,23 @@ def test_bench_decodes_greedily_whatever_the_model_samples_by_default(
                              ignore_eos=True, temperature=0.0).token_ids
     assert result["same_tokens_every_run"]
     assert result["token_ids"] == greedy
+
+
+def test_bench_lists_each_layers_pool(model_dir: Path) -> None:
+    """A budget's spare slot goes to layer 0 (3 and 2 slots): before, the JSON said only
+    ``cache_experts_per_layer`` 2.5, an average no pool has; now ``cache_experts_by_layer``
+    lists the pools (None for one global pool, and both None when experts are resident)."""
+    options: dict[str, object] = {"max_seq_len": 64, "prefill_chunk": 8}
+    with offload_rt.load(model_dir, cache_experts=2, **options) as rt:
+        fp = rt.plan.footprint
+    budget = fp.fixed + (2 * SPEC.num_layers + 1 + 1) * fp.slot - 1  # 2 per layer, 1 spare
+
+    def sizes(**more: object) -> tuple[object, object]:
+        with offload_rt.load(model_dir, **{**options, **more}) as rt:
+            o = run_bench(rt, prompt_tokens=4, new_tokens=2, repeats=1)["options"]
+        return o["cache_experts_per_layer"], o["cache_experts_by_layer"]
+
+    assert sizes(cpu_memory=budget) == (2.5, [3, 2])
+    assert sizes(cache_experts=2) == (2, [2, 2])
+    assert sizes(cpu_memory=budget, pool="global") == (2.5, None)
+    assert sizes(offload=False) == (None, None)

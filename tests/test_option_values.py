@@ -166,3 +166,21 @@ def test_the_cache_options_keep_their_defaults(tiny_hf_checkpoint: Path,
     code, _out, err = cli(capsys, "generate", *PROMPT, "--offload", "--policy", "lfu",
                           "--prefetch", "0", "--pool", "global")
     assert code == 0, err
+
+
+@pytest.mark.parametrize(("name", "choices"), [("hybrid", "choose one of auto, off, always"),
+                                               ("pool", "choose one of"),
+                                               ("device", "choose cpu or cuda[:N]")])
+def test_an_empty_value_is_quoted(capsys: pytest.CaptureFixture[str], name: str,
+                                  choices: str) -> None:
+    """Before: ``load(hybrid='')`` said "--hybrid  (hybrid=''): ..." (the empty value as two
+    spaces); now as a shell spells it, as argparse's "invalid choice: ''" does."""
+    flag = "--" + name
+    with pytest.raises(OptionError, match=re.escape(f"{flag} '' ({name}=''): {choices}")):
+        RuntimeOptions(**{name: ""})  # type: ignore[arg-type]
+    assert option_name(name, "") == f"{flag} '' ({name}='')"
+    assert option_name(name, "a b") == f"{flag} 'a b' ({name}='a b')"
+    assert option_name(name, "cuda:0") == f"{flag} cuda:0 ({name}='cuda:0')"
+    if name != "device":  # a choice list: argparse refuses it first
+        err = refused(*cli(capsys, "generate", "--prompt-ids", "1", f"{flag}="))
+        assert f"argument {flag}: invalid choice: ''" in err and "  " not in err.splitlines()[-1]

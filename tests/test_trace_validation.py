@@ -125,3 +125,34 @@ def test_recorded_shapes_still_load(tmp_path: Path) -> None:
     write_trace(tmp_path / "t.jsonl.gz", trace)
     assert read_trace(tmp_path / "t.jsonl.gz") == trace
     assert max(r.num_tokens for r in trace.records) > 1 and trace.has_predictions
+
+
+# Per-layer pool sizes: before, [1, 2] (below top_k), [2, 9] (above the experts per layer) and a
+# list with "pool": "global" were read, and the live check's replay then ended in "MISMATCH:
+# please report it with the trace" (or a simulator error) instead of naming the field.
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"pool": "layer", "pool_capacities": [1, 2]},
+     ("header field 'pool_capacities' must be a list of 2 integers (one per layer) between "
+      "top_k (2) and num_experts (4), or null, got [1, 2]")),
+    ({"pool": "layer", "pool_capacities": [5, 4]}, "between top_k (2) and num_experts (4)"),
+    ({"pool": "layer", "pool_capacities": [3]}, "must be a list of 2 integers (one per layer)"),
+    ({"pool": "layer", "pool_capacities": [3, True]}, "between top_k (2) and num_experts (4)"),
+    ({"pool": "global", "capacity": 6, "pool_capacities": [3, 2]},
+     ("header field 'pool_capacities' lists per-layer pools, but header field 'pool' is "
+      "'global'")),
+])
+@pytest.mark.parametrize("command", ["simulate", "trace-stats"])
+def test_pool_capacities_outside_what_the_runtime_makes_are_refused(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str,
+        change: dict[str, Any], needle: str) -> None:
+    path = _write(tmp_path / "t.jsonl", {**HEADER, "capacity": 2, **change}, *OK)
+    with pytest.raises(ValueError, match=rf"^{path}: ") as caught:
+        read_trace(path)
+    assert needle in str(caught.value)
+    assert needle in _refused(capsys, command, path)
+
+
+def test_pool_capacities_from_top_k_to_num_experts_load(tmp_path: Path) -> None:
+    path = _write(tmp_path / "t.jsonl", {**HEADER, "pool": "layer", "capacity": 2,
+                                         "pool_capacities": [4, 2]}, *OK)
+    assert read_trace(path).header.pool_capacities == [4, 2]
