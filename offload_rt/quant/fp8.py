@@ -64,6 +64,28 @@ def scale_grid(rows: int, cols: int, block: tuple[int, int]) -> tuple[int, int]:
     return _cdiv(rows, block[0]), _cdiv(cols, block[1])
 
 
+def scaled_float32(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """float32(q) * s for E4M3 ``q`` [N, K] and float32 ``s`` broadcastable to it, bit for bit.
+
+    On a CPU, torch converts E4M3 one element at a time (4.5 ns a weight here); this path is
+    vectorized integer and float16 work, 3-4x faster (``benchmarks/fp8_bench.py``). E4M3's
+    bits [s eeee mmm] (exponent bias 7) moved into float16's [s eeeee mmmmmmmmmm] (bias 15)
+    read as 2^-8 times the E4M3 value, subnormals included; the one NaN code (eeee mmm all
+    ones) gets float16's all-ones exponent, so it stays NaN. float16 -> float32 is exact, so is
+    the product with 256 (the E4M3 value itself, a float32 normal), and the product with ``s``
+    is then float32(q) * s. Off the CPU the conversion is native: the plain product.
+    """
+    if q.device.type != "cpu":
+        return q.float() * s
+    x = q.view(torch.uint8).to(torch.int16)
+    em = x & 0x7F  # exponent and mantissa
+    bits = (em + 1).bitwise_and_(0x80).add_(em).bitwise_left_shift_(7)  # 0x7F: 0xFF << 7
+    del em
+    bits.bitwise_or_(x.bitwise_left_shift_(8).bitwise_and_(-0x8000))  # the sign
+    del x
+    return bits.view(torch.float16).float().mul_(256.0).mul_(s)
+
+
 def dequantize_into(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                     block: tuple[int, int]) -> None:
     """``out`` [N, K] (any float dtype) = float32(q) [N, K] * scales [ceil(N/r), ceil(K/c)]
@@ -77,7 +99,7 @@ def dequantize_into(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
         s = scales[index].float()  # [rows, ceil(K/c)]
         if s.shape[1] > 1:
             s = s.repeat_interleave(block[1], dim=1)[:, :k]
-        out[start:stop] = q[start:stop].float() * s
+        out[start:stop] = scaled_float32(q[start:stop], s)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],
