@@ -73,6 +73,6 @@ def live_note(check: dict[str, Any]) -> str:
         return f"{head}; its replay gives the same, sequence by sequence"
     why = ("MISMATCH: please report it with the trace" if check["expected_exact"] else
            "prefetch raced with compute in the run; the replay models it" if check["prefetch"]
-           else f"the run computed some misses on the CPU (hybrid {check.get('hybrid')}): they "
+           else f"the run computed some misses on the CPU (hybrid {check['hybrid']}): they "
            "never entered the cache, which the replay does not model")
     return f"{head}; its replay gives {r['hits']} / {r['misses']} ({why})"
