@@ -25,12 +25,17 @@ the run against it. Prefetches that were never used are counted as the run's own
 needed reads, so reading them lowers the achieved share.
 
     python benchmarks/mixtral_bench.py --recompute r.json   # the limits and table again
+
+``--tree NAME=PATH`` runs setting NAME from another source tree (``PATH`` first on
+``PYTHONPATH``, e.g. a ``git worktree`` of a change), so a change is measured against this
+checkout with the same limits, interleaved in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -59,16 +64,29 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
-def run_setting(model_dir: Path, flags: list[str], args: argparse.Namespace) -> dict:
-    """One cold ``offload-rt bench`` run in a fresh process: its JSON plus swap and status."""
+def parse_tree(text: str) -> tuple[str, Path]:
+    """``NAME=PATH`` -> (setting name, source tree holding ``offload_rt/``)."""
+    name, sep, path = text.partition("=")
+    if not sep or not (Path(path) / "offload_rt").is_dir():
+        raise SystemExit(f"--tree {text!r}: expected NAME=PATH, PATH a source tree with "
+                         "offload_rt/")
+    return name, Path(path).resolve()
+
+
+def run_setting(model_dir: Path, flags: list[str], args: argparse.Namespace,
+                tree: Path | None = None) -> dict:
+    """One cold ``offload-rt bench`` run in a fresh process: its JSON plus swap and status.
+    ``tree``: run that source tree's ``offload_rt`` (else the one this Python imports)."""
     drop_page_cache(model_files(model_dir))
-    cmd = [sys.executable, "-m", "offload_rt.cli", "bench", str(model_dir), "--json",
+    cmd = [sys.executable, "-m", "offload_rt.cli", "bench", str(model_dir.resolve()), "--json",
            "--repeats", "1", "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens), *flags]
+    # cwd outside the trees: the current folder would shadow PYTHONPATH's offload_rt
+    env, cwd = ({**os.environ, "PYTHONPATH": str(tree)}, "/") if tree else (None, None)
     swap0, start = swapped_pages(), time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=cwd)
     wall = time.perf_counter() - start
-    out = {"command": shlex.join(cmd[2:]), "returncode": proc.returncode, "wall_s": round(wall, 1),
+    out = {"command": shlex.join(cmd[2:]), "tree": str(tree) if tree else None, "returncode": proc.returncode, "wall_s": round(wall, 1),
            "swapped_pages": swapped_pages() - swap0}
     if proc.returncode != 0:
         return {**out, "stderr": proc.stderr[-2000:]}
@@ -136,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--setting", action="append", required=True, metavar="NAME=FLAGS",
                         help="a named set of offload-rt bench flags (repeatable)")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                        help="run setting NAME from another source tree (repeatable)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
@@ -143,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     settings = dict(parse_setting(s) for s in args.setting)
+    trees = dict(parse_tree(t) for t in args.tree)
+    if unknown := sorted(set(trees) - set(settings)):
+        raise SystemExit(f"--tree names no --setting: {unknown}")
     runs: dict[str, list[dict]] = {name: [] for name in settings}
     disks = []
     for r in range(args.rounds):
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         disks.append(disk)
         names = list(settings)
         for name in names[r % len(names):] + names[:r % len(names)]:
-            run = run_setting(args.model_dir, settings[name], args)
+            run = run_setting(args.model_dir, settings[name], args, trees.get(name))
             run.update(run_limit(run, disk), round=r)
             runs[name].append(run)
             print(f"round {r} {name}: {run.get('decode_tokens_per_s')} tok/s, first token "
@@ -158,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"limit, rc {run['returncode']}", file=sys.stderr, flush=True)
     result = {"model_dir": str(args.model_dir), "settings": {k: shlex.join(v) for k, v in
                                                              settings.items()},
+              "trees": {k: str(v) for k, v in trees.items()},
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "rounds": args.rounds, "table": summarize(runs), "disk": disks, "runs": runs}
     if args.out:

@@ -273,8 +273,11 @@ def test_mixtral_bench_reports_budget_limit_and_swap(tiny_bench: tuple[dict, dic
     out = tmp_path / "r.json"
     doc = _run(str(BENCH / "mixtral_bench.py"), made["out"], "--setting",
                "small=--cache-experts 2", "--setting", "auto=", "--prompt-tokens", "6",
-               "--new-tokens", "4", "--rounds", "1", "--disk-samples", "2", "--out", str(out))
+               "--new-tokens", "4", "--rounds", "1", "--disk-samples", "2", "--out", str(out),
+               "--tree", f"small={BENCH.parent}")
     assert set(doc["table"]) == {"small", "auto"}
+    assert doc["trees"] == {"small": str(BENCH.parent)}
+    assert [doc["runs"][n][0]["tree"] for n in ("small", "auto")] == [str(BENCH.parent), None]
     for name, (run,) in doc["runs"].items():
         assert run["returncode"] == 0 and run["swapped_pages"] >= 0, name
         assert run["within_budget"] is (run["peak_rss_bytes"]
@@ -292,3 +295,17 @@ def test_mixtral_bench_reports_budget_limit_and_swap(tiny_bench: tuple[dict, dic
                                        "--recompute", str(out)], check=True,
                                       capture_output=True, text=True).stdout)
     assert again["table"] == json.loads(out.read_text())["table"]
+
+
+@pytest.mark.parametrize(("tree", "says"), [
+    ("other={repo}", "--tree names no --setting: ['other']"),
+    ("small={repo}/benchmarks", "PATH a source tree with offload_rt/"),
+    ("small", "expected NAME=PATH"),
+])
+def test_mixtral_bench_refuses_a_tree_it_cannot_run(tmp_path: Path, tree: str,
+                                                    says: str) -> None:
+    """Before any measurement: a tree for no setting, or a folder without ``offload_rt/``."""
+    proc = subprocess.run([sys.executable, str(BENCH / "mixtral_bench.py"), str(tmp_path),
+                           "--setting", "small=", "--tree", tree.format(repo=BENCH.parent)],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and says in proc.stderr, proc.stderr

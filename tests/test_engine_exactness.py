@@ -242,8 +242,8 @@ def test_prefill_prefetches_the_next_layers_in_demand_order(
         submitted: list[list[ExpertKey]] = []
         worker = rt.experts._worker
         original = worker.submit
-        worker.submit = lambda keys, layer: (submitted.append(list(keys)),  # type: ignore
-                                             original(keys, layer))
+        worker.submit = lambda keys: (submitted.append(list(keys)),  # type: ignore
+                                      original(keys))
         out = rt.generate(ref.prompt, max_new_tokens=1, ignore_eos=True)
         rt.experts.drain()
         s, capacity = out.stats, rt.experts.max_group(1)

@@ -417,7 +417,41 @@ def test_prefetch_readers_keep_several_reads_in_flight() -> None:
     engine = Engine()
     worker = PrefetchWorker(cond, engine.load_one, readers=2)
     with cond:
-        worker.submit([K(1, 0), K(1, 1)], current_layer=0)
+        worker.submit([K(1, 0), K(1, 1)])
         assert cond.wait_for(lambda: len(loaded) == 2 and not worker.busy, timeout=10)
     assert sorted(loaded) == [K(1, 0), K(1, 1)]
+    assert worker.close()
+
+
+def test_a_newer_prediction_replaces_the_queued_one() -> None:
+    """What layer l predicted for layer l+2 but layer l+1's prediction no longer names is not
+    read: the queue is the newest prediction alone (before: it stayed queued, ahead of the
+    newer prediction's keys, and took a read and a slot). The reader is held on a first key so
+    that the queue's content is what the newer submit left."""
+    import threading
+
+    from offload_rt.engine.prefetch import PrefetchWorker
+
+    cond, started, release = threading.Condition(), threading.Event(), threading.Event()
+    loaded: list[ExpertKey] = []
+
+    class Engine:
+        def load_one(self, key: ExpertKey) -> None:
+            if key == K(1, 0):
+                started.set()
+                assert release.wait(10)
+            with cond:
+                loaded.append(key)
+
+    engine = Engine()
+    worker = PrefetchWorker(cond, engine.load_one, readers=1)
+    with cond:
+        worker.submit([K(1, 0), K(2, 3), K(2, 4)])  # at layer 0, depth 2
+    assert started.wait(10)  # the reader holds K(1, 0); the rest is queued
+    with cond:
+        worker.submit([K(2, 4), K(2, 5), K(3, 1)])  # at layer 1: (2, 3) no longer predicted
+    release.set()
+    with cond:
+        assert cond.wait_for(lambda: len(loaded) == 4 and not worker.busy, timeout=10)
+    assert loaded == [K(1, 0), K(2, 4), K(2, 5), K(3, 1)]
     assert worker.close()

@@ -102,7 +102,7 @@ class OffloadedExperts(ExpertMover):
             prefill = self.predictor.predict_prefill(layer, hidden, self.depth,
                                                      self.max_group)
             with self._cond:
-                worker.submit(prefill, layer)
+                worker.submit(prefill)
             return
         keys, scores = self.predictor.predict(layer, hidden, self.depth)
         self.last_predictions = (keys, scores)  # read by the trace recorder (no second predict)
@@ -110,7 +110,7 @@ class OffloadedExperts(ExpertMover):
             self.device.cache.predict(scores)
             if self.host is not None:
                 self.host.cache.predict(scores)
-            worker.submit(keys, layer)
+            worker.submit(keys)
 
     @contextmanager
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Mapping[int, torch.Tensor]]:

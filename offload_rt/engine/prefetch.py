@@ -1,10 +1,10 @@
 """Router-predicted prefetch: guess later layers' experts and load them in the background.
 
 At layer l of a decode step, layer l+j's gate is applied (after l+j's own norm) to the residual
-stream entering layer l's MoE; its top-k experts are queued for a background thread that loads
-them into free or evictable slots while layer l computes. A prefill chunk (many tokens) queues
-the union of its tokens' top-k for the next layers, in the order the layer will take them, as
-many as the layer's cache holds: prefill needs most experts of every layer, so the disk reads
+stream entering layer l's MoE; its top-k experts replace what is queued for the background
+threads, which load them into free or evictable slots while layer l computes. A prefill chunk
+(many tokens) queues the union of its tokens' top-k for the next layers, in the order the layer
+will take them, as many as the layer's cache holds: prefill needs most experts of every layer, so the disk reads
 layer l+1's while layer l computes (time to first token). The worker never evicts what the
 current layer needs (pinned or protected keys), never waits for a slot (best effort), and hands
 any failure back to the caller through the engine. The thread holds no strong reference to the
@@ -140,13 +140,19 @@ class PrefetchWorker:
     def busy(self) -> bool:
         return self._queue.busy > 0
 
-    def submit(self, keys: Sequence[ExpertKey], current_layer: int) -> None:
-        """Replace queued work: keys for layers already reached are stale. Caller holds cond."""
+    def submit(self, keys: Sequence[ExpertKey]) -> None:
+        """Replace the queued (not started) work with ``keys``, the prediction made at the
+        layer just routed for the next layers. Caller holds cond.
+
+        Everything queued is superseded: a key for a layer already reached is stale, and one
+        for a later layer was predicted at an earlier layer, from a hidden state further from
+        that layer's than this prediction's, for layers this prediction covers too (it reaches
+        at least as far: the same depth, one layer later, cut only at the last layer). Kept,
+        a guess the newer prediction dropped would still take a read (and a slot) ahead of
+        the reads the newer one wants."""
         queue = self._queue.keys
-        stale = [k for k in queue if k.layer <= current_layer]
-        for k in stale:
-            queue.remove(k)
-        queue.extend(k for k in keys if k not in queue)
+        queue.clear()
+        queue.extend(dict.fromkeys(keys))  # in order, once each
         self._cond.notify_all()
 
     def clear(self) -> None:
