@@ -98,6 +98,7 @@ def run_setting(model_dir: Path, flags: list[str], args: argparse.Namespace,
             "budget_plus_baseline_bytes": budget,
             "within_budget": result["peak_rss_bytes"] <= budget,
             "cache_experts_per_layer": result["options"]["cache_experts_per_layer"],
+            "prefetch_depth_end": result["options"].get("prefetch_depth_end"),
             "memory_budget_bytes": result["memory_budget_bytes"]}
 
 

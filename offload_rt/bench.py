@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from offload_rt.engine.offloaded import OffloadedExperts
 from offload_rt.engine.step_clock import StepClock
 from offload_rt.errors import OptionError
 from offload_rt.process_memory import peak_rss_bytes
@@ -117,6 +118,15 @@ def planned_bytes(rt: Runtime) -> int:
     return fp.fixed + slots * fp.slot
 
 
+def _prefetch_depth(rt: Runtime) -> dict[str, Any]:
+    """``prefetch_adaptive`` (the depth adapted up to ``prefetch``) and ``prefetch_depth_end``
+    (the depth in use when the last run ended; None without an expert cache)."""
+    experts = rt.experts
+    now = experts.depth_now if isinstance(experts, OffloadedExperts) else None
+    return {"prefetch_adaptive": now is not None and experts.adaptive is not None,
+            "prefetch_depth_end": now}
+
+
 def _cache_sizes(rt: Runtime) -> dict[str, Any]:
     """The device tier's expert slots (None: experts resident): ``cache_experts_per_layer``,
     their average over layers (a float: per-layer pools differ where a budget's spare slots go
@@ -161,7 +171,8 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
         "model_dir": str(rt.checkpoint.model_dir), "offloaded": rt.offloaded,
         "options": {"device": o.device, "dtype": str(rt.dtype).removeprefix("torch."),
                     **_cache_sizes(rt),
-                    "policy": o.policy, "prefetch": o.prefetch, "trunk": o.trunk,
+                    "policy": o.policy, "prefetch": o.prefetch,
+                    **_prefetch_depth(rt), "trunk": o.trunk,
                     "hybrid": o.hybrid,
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,

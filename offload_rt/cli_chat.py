@@ -214,11 +214,19 @@ class _ChatLoop:
         print(text, file=self.err, flush=True)
 
 
+def _prefetch_text(rt: Runtime) -> str:
+    """'2', or '2-4 adaptive, now 4' where the depth adapts (``engine.prefetch_depth``)."""
+    adaptive = getattr(rt.experts, "adaptive", None)
+    if adaptive is None:
+        return str(rt.options.prefetch)
+    return f"{adaptive.floor}-{adaptive.ceiling} adaptive, now {adaptive.depth}"
+
+
 def _stats_text(rt: Runtime, totals: Counter[str]) -> str:
     lookups = totals["hits"] + totals["misses"]
     lines = [f"answers: {totals['answers']}, tokens: {totals['tokens']}",
              (f"offloaded: {rt.offloaded}, policy: {rt.options.policy}, "
-              f"prefetch: {rt.options.prefetch}, device slots: {rt.plan.device_slots}")]
+              f"prefetch: {_prefetch_text(rt)}, device slots: {rt.plan.device_slots}")]
     if lookups:
         lines.append(f"expert cache: {totals['hits']} hits, {totals['misses']} misses, hit rate "
                      f"{totals['hits'] / lookups:.1%}, {format_size(totals['bytes_moved'])} moved,"

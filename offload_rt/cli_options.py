@@ -21,8 +21,10 @@ from offload_rt.options import (
     EXPERT_FORMATS,
     HYBRID_MODES,
     POOLS,
+    PREFETCH_FLOOR,
     SCAN_POLICY,
     SCAN_POLICY_NO_PREDICTIONS,
+    SCAN_PREFETCH,
     TRUNK_FORMATS,
     RuntimeOptions,
 )
@@ -116,8 +118,11 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                             "when the device holds fewer experts than one token routes to; "
                             "refused with --no-offload)")
     group.add_argument("--prefetch", metavar="D", type=int, default=None,
-                       help=f"prefetch experts D layers ahead; 0 = off (default: "
-                            f"{DEFAULT_PREFETCH}; refused with --no-offload)")
+                       help=f"prefetch experts D layers ahead; 0 = off (default: adaptive, "
+                            f"{PREFETCH_FLOOR} to {DEFAULT_PREFETCH}: deeper while the experts "
+                            "predicted that far ahead are used; "
+                            f"{SCAN_PREFETCH} when the device holds fewer experts than one "
+                            "token routes to; refused with --no-offload)")
     group.add_argument("--pool", choices=POOLS, default=None,
                        help="expert cache pools: one per layer, one shared (global), or auto = "
                             f"per layer when that fits (default: {DEFAULT_POOL}; refused with "

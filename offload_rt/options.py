@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cache_policies import policy_class
@@ -25,10 +25,14 @@ HYBRID_MODES = ("auto", "off", "always")  # engine.hybrid.MODES (not imported: i
 
 # Defaults of the expert-cache options; the fields default to None ("not given") so that a
 # value given with offload=False can be refused (it would configure a cache that is not built).
-# prefetch 2 layers ahead: on Mixtral 8x7B 1.08x (8 GiB) and 1.13x (automatic budget) over 1;
-# 4 is faster still with the automatic budget but slower at 8 GiB and on the demo model (README
-# "Mixtral 8x7B on a 24 GB, 2-core machine", "Deeper prefetch")
-DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL, DEFAULT_HYBRID = "lru", 2, "auto", "auto"
+# Prefetch not given: up to DEFAULT_PREFETCH layers ahead, adapting from PREFETCH_FLOOR by how often
+# the predictions at each distance come true (engine.prefetch_depth); SCAN_PREFETCH fixed where the
+# device holds fewer experts than one token routes to (a deeper guess evicts a nearer need). 2 over
+# 1: Mixtral 8x7B 1.08x (8 GiB), 1.13x (automatic budget); 4 over 2 with the automatic budget
+# 1.10-1.16x, at 8 GiB 0.91x, on the demo model 0.94x (README "Mixtral 8x7B on a 24 GB, 2-core
+# machine", "Deeper prefetch")
+DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL, DEFAULT_HYBRID = "lru", 4, "auto", "auto"
+PREFETCH_FLOOR = SCAN_PREFETCH = 2
 CACHE_OPTIONS = ("policy", "prefetch", "pool", "hybrid")
 # The default policy where the device tier holds fewer experts than one token routes to
 # (layers x top_k: only a global pool can): LRU keeps none of them to the next token there (a
@@ -102,9 +106,11 @@ class RuntimeOptions:
     through the expert cache, False = keep every expert resident.
 
     ``policy``, ``prefetch``, ``pool`` configure the expert cache: None (not given) means
-    ``DEFAULT_POLICY`` ('lru'), ``DEFAULT_PREFETCH`` (2 layers ahead), ``DEFAULT_POOL``
-    ('auto'), and the constructed options hold those values (``policy_given`` says whether
-    the policy was given: if not, a runtime replaces it by its plan's ``default_policy``);
+    ``DEFAULT_POLICY`` ('lru'), ``DEFAULT_PREFETCH`` (up to 4 layers ahead, adaptive),
+    ``DEFAULT_POOL`` ('auto'), and the constructed options hold those values (``policy_given``
+    and ``prefetch_given`` say whether they were given: if not, a runtime replaces the policy
+    by its plan's ``default_policy`` and the depth by ``default_prefetch``, and adapts a
+    default depth between ``PREFETCH_FLOOR`` and it as the run goes);
     given with ``offload=False`` they are refused, as ``cache_experts`` is (so is
     ``dataclasses.replace(o, offload=False)`` of options that hold them: build new options
     instead).
@@ -147,17 +153,28 @@ class RuntimeOptions:
     trunk: str | None = None  # None: the folder's (float; int8 if stored so); "float", "int8"
     hybrid: str | None = None  # None: DEFAULT_HYBRID; "auto", "off", "always" (engine.hybrid)
     policy_given: bool = field(default=False, init=False, repr=False, compare=False)
+    prefetch_given: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in _TYPES:
             _check_type(name, getattr(self, name))
         self._check_combination()
         object.__setattr__(self, "policy_given", self.policy is not None)
+        object.__setattr__(self, "prefetch_given", self.prefetch is not None)
         defaults = (DEFAULT_POLICY, DEFAULT_PREFETCH, DEFAULT_POOL, DEFAULT_HYBRID)
         for name, default in zip(CACHE_OPTIONS, defaults, strict=True):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
         self._check_values()
+
+    def with_chosen(self, **chosen: object) -> RuntimeOptions:
+        """A copy with defaults a runtime chose from its plan (``chosen``: policy, prefetch);
+        ``policy_given``/``prefetch_given`` stay those of these options (a plain
+        ``dataclasses.replace`` would call every filled-in value given)."""
+        new = replace(self, **chosen)
+        object.__setattr__(new, "policy_given", self.policy_given)
+        object.__setattr__(new, "prefetch_given", self.prefetch_given)
+        return new
 
     def _check_values(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -248,6 +265,13 @@ def default_policy(device_slots: int, token_experts: int, prefetch: int) -> str:
     if device_slots >= token_experts:
         return DEFAULT_POLICY
     return SCAN_POLICY if prefetch >= 1 else SCAN_POLICY_NO_PREDICTIONS
+
+
+def default_prefetch(device_slots: int, token_experts: int) -> int:
+    """The prefetch depth (the ceiling of an adaptive one) of a run that does not give one:
+    ``DEFAULT_PREFETCH``, or ``SCAN_PREFETCH`` (fixed) with fewer ``device_slots`` than
+    ``token_experts`` (layers x top_k)."""
+    return DEFAULT_PREFETCH if device_slots >= token_experts else SCAN_PREFETCH
 
 
 def budget_given(size: str | int | None) -> bool:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from offload_rt.generation import GenerationConfig, GenerationResult, stream_tex
 from offload_rt.generation_config import read_generation_config
 from offload_rt.model.build import Progress, build_trunk
 from offload_rt.model.experts import ExpertProvider
-from offload_rt.options import RuntimeOptions, default_policy
+from offload_rt.options import PREFETCH_FLOOR, RuntimeOptions, default_policy, default_prefetch
 from offload_rt.prompt import check_ids, encode_messages, encode_text
 from offload_rt.quant.select import select_format, select_trunk
 from offload_rt.runtime_plan import plan_runtime
@@ -80,7 +80,7 @@ class Runtime:
                                            self.dtype, self.device)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
                                  file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
-        self.options = options = self._choose_policy(options)
+        self.options = options = self._choose_policy(self._choose_prefetch(options))
         log.info("%s", plan_line(self.plan))
         self.model = self.experts = None  # type: ignore[assignment]
         stage = "trunk"
@@ -111,6 +111,20 @@ class Runtime:
                         declared, str(weights).removeprefix("torch."), declared)
         return getattr(torch, declared)
 
+    def _choose_prefetch(self, options: RuntimeOptions) -> RuntimeOptions:
+        """``options`` with the plan's ``default_prefetch`` when no depth was given."""
+        if options.prefetch_given or options.offload is False:
+            return options
+        depth = default_prefetch(self.plan.device_slots,
+                                 self.config.num_layers * self.config.top_k)
+        return options if depth == options.prefetch else options.with_chosen(prefetch=depth)
+
+    @property
+    def adaptive_prefetch(self) -> bool:
+        """Whether the prefetch depth adapts (not given, and deeper than its floor)."""
+        return not self.options.prefetch_given and \
+            self.options.prefetch > PREFETCH_FLOOR  # type: ignore[operator]  # filled in
+
     def _choose_policy(self, options: RuntimeOptions) -> RuntimeOptions:
         """``options`` with the plan's ``default_policy`` when none was given (below one
         token's experts LRU keeps none to the next token); ``policy_note`` says so."""
@@ -124,7 +138,7 @@ class Runtime:
             return options
         self.policy_note = (f" (the default with fewer device slots than the {token_experts} "
                             "experts one token routes to)")
-        return replace(options, policy=chosen)
+        return options.with_chosen(policy=chosen)
 
     @property
     def offloaded(self) -> bool:
@@ -139,12 +153,15 @@ class Runtime:
             log.info("all %d experts resident (%s each, %s)", cfg.num_layers * cfg.num_experts,
                      format_size(self.plan.footprint.expert), fmt.name)
             return load_resident(self.checkpoint, fmt, self.device, progress)
-        log.info("offloading: %s (%s each, %s), %d host slots, policy %s%s, prefetch %d",
+        depth = f"{PREFETCH_FLOOR}-{o.prefetch} (adaptive)" if self.adaptive_prefetch \
+            else str(o.prefetch)
+        log.info("offloading: %s (%s each, %s), %d host slots, policy %s%s, prefetch %s",
                  slots_text(self.plan), format_size(self.plan.footprint.expert), fmt.name,
-                 self.plan.host_slots, o.policy, self.policy_note, o.prefetch)
+                 self.plan.host_slots, o.policy, self.policy_note, depth)
         return build_offloaded(self.checkpoint, self.model, self.plan,
                                lambda: make_policy(o.policy), dtype=self.dtype,
                                device=self.device, prefetch_depth=o.prefetch,
+                               prefetch_floor=PREFETCH_FLOOR if self.adaptive_prefetch else None,
                                drop_page_cache=o.drop_page_cache, fmt=fmt,
                                hybrid=o.hybrid)  # type: ignore[arg-type]  # set by options
 

@@ -155,12 +155,14 @@ def test_the_cache_options_keep_their_defaults(tiny_hf_checkpoint: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """None means the default, in the API and for a flag left out."""
     options = RuntimeOptions()
-    assert (options.policy, options.prefetch, options.pool) == ("lru", 2, "auto")
+    assert (options.policy, options.prefetch, options.pool) == ("lru", 4, "auto")
+    assert not options.prefetch_given and RuntimeOptions(prefetch=4).prefetch_given
     assert RuntimeOptions(policy=None, prefetch=None, pool=None) == options
     with offload_rt.load(tiny_hf_checkpoint, offload=False) as rt:
         assert not rt.offloaded and rt.options.policy == "lru"
     with offload_rt.load(tiny_hf_checkpoint, offload=True, drop_page_cache=False) as rt:
-        assert rt.offloaded and (rt.options.prefetch, rt.options.pool) == (2, "auto")
+        assert rt.offloaded and (rt.options.prefetch, rt.options.pool) == (4, "auto")
+        assert rt.adaptive_prefetch and rt.experts.adaptive.floor == 2  # 2 to 4 layers ahead
     code, _out, err = cli(capsys, "generate", *PROMPT, "--no-offload")
     assert code == 0, err
     code, _out, err = cli(capsys, "generate", *PROMPT, "--offload", "--policy", "lfu",

@@ -16,6 +16,7 @@ from offload_rt.engine.hybrid import MAX_HOST_TOKENS, HybridRule, measure_costs
 from offload_rt.engine.offloaded import OffloadedExperts, Reader, Tier
 from offload_rt.engine.placement import ExpertPlacement
 from offload_rt.engine.prefetch import NextLayerPredictor
+from offload_rt.engine.prefetch_depth import AdaptiveDepth
 from offload_rt.engine.slots import SlotPool
 from offload_rt.engine.transfer import CudaHostToDevice, HostToDevice
 from offload_rt.model.transformer import Transformer
@@ -38,12 +39,13 @@ def disk_reader(ckpt: Checkpoint, drop_page_cache: bool, fmt: ExpertFormat | Non
 def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,
                     policy_factory: Callable[[], CachePolicy], *, dtype: torch.dtype,
                     device: torch.device, prefetch_depth: int, drop_page_cache: bool,
-                    reader: Reader | None = None,
+                    prefetch_floor: int | None = None, reader: Reader | None = None,
                     fmt: ExpertFormat | None = None, hybrid: str = "off") -> OffloadedExperts:
     """Slot pools of ``fmt``'s records (None: float experts in ``dtype``) allocated once,
     caches over them, and the prefetch predictor; on a GPU, with ``hybrid`` "auto" the rule
     for computing misses on the CPU measured on those slots (``engine.hybrid``), with
-    "always" every miss of up to ``MAX_HOST_TOKENS`` tokens."""
+    "always" every miss of up to ``MAX_HOST_TOKENS`` tokens. ``prefetch_floor``: the depth
+    adapts between it and ``prefetch_depth`` (``engine.prefetch_depth``); None: fixed."""
     cfg = ckpt.config
     fmt = fmt or FloatFormat(cfg.hidden_size, cfg.intermediate_size, dtype)
     numel, storage = fmt.numel, fmt.storage_dtype
@@ -67,7 +69,10 @@ def build_offloaded(ckpt: Checkpoint, trunk: Transformer, plan: MemoryPlan,
                             placement=ExpertPlacement.for_format(ckpt, fmt, device),
                             host=host_tier, h2d=h2d,
                             predictor=predictor, prefetch_depth=prefetch_depth,
-                            per_layer=plan.num_pools > 1, hybrid=rule)
+                            per_layer=plan.num_pools > 1, hybrid=rule,
+                            adaptive=AdaptiveDepth(prefetch_floor, prefetch_depth)
+                            if prefetch_floor is not None and prefetch_depth > prefetch_floor
+                            else None)
 
 
 def _hybrid_rule(mode: str, fmt: ExpertFormat, host: Tier, device: Tier, h2d: HostToDevice,

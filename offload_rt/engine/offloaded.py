@@ -30,6 +30,7 @@ from offload_rt.engine.hybrid import HybridRule
 from offload_rt.engine.mover import WAIT_S, WAIT_TIMEOUT_S, ExpertMover, Reader
 from offload_rt.engine.placement import Placement
 from offload_rt.engine.prefetch import PREFETCH_READERS, NextLayerPredictor, PrefetchWorker
+from offload_rt.engine.prefetch_depth import AdaptiveDepth
 from offload_rt.engine.stats import EngineStats
 from offload_rt.engine.tier import Tier
 from offload_rt.engine.transfer import HostToDevice
@@ -54,7 +55,7 @@ class OffloadedExperts(ExpertMover):
                  placement: Placement, host: Tier | None = None,
                  h2d: HostToDevice | None = None, predictor: NextLayerPredictor | None = None,
                  prefetch_depth: int = 0, per_layer: bool = True,
-                 hybrid: HybridRule | None = None) -> None:
+                 hybrid: HybridRule | None = None, adaptive: AdaptiveDepth | None = None) -> None:
         super().__init__(device, reader, expert_nbytes, placement, host, h2d)
         self.predictor, self.depth, self.per_layer = predictor, prefetch_depth, per_layer
         if hybrid is not None and host is None:
@@ -71,6 +72,8 @@ class OffloadedExperts(ExpertMover):
         device.cache._on_evict = functools.partial(_count_evicted, self.stats)
         self._worker = PrefetchWorker(self._cond, self._prefetch_one, PREFETCH_READERS) \
             if predictor is not None and prefetch_depth > 0 else None
+        # the depth in use adapts up to prefetch_depth (None: always prefetch_depth)
+        self.adaptive = adaptive if self._worker is not None else None
 
     # ---- ExpertProvider -------------------------------------------------------------------
     def max_group(self, layer: int) -> int:
@@ -82,6 +85,8 @@ class OffloadedExperts(ExpertMover):
             if layer == 0:
                 self.device.release_leaks()
                 self.stats.tokens += hidden.shape[0]
+        if layer == 0 and self.adaptive is not None:
+            self.adaptive.forget_step()
         self._hidden = hidden
 
     def on_route(self, layer: int, probs: torch.Tensor, ids: torch.Tensor) -> None:
@@ -99,18 +104,41 @@ class OffloadedExperts(ExpertMover):
             if worker is None or hidden is None or self.predictor is None:
                 return
         if hidden.shape[0] > 1:  # a prefill chunk: the next layers' experts, in demand order
-            prefill = self.predictor.predict_prefill(layer, hidden, self.depth,
+            prefill = self.predictor.predict_prefill(layer, hidden, self.depth_now,
                                                      self.max_group)
             with self._cond:
                 worker.submit(prefill)
             return
         keys, scores = self.predictor.predict(layer, hidden, self.depth)
+        if self.adaptive is not None:  # every distance checked, the current depth's queued
+            self._adapt(layer, used.tolist(), keys)
+            keys = self.adaptive.within(layer, keys)
+            scores = {k: p for k, p in scores.items() if k.layer - layer <= self.depth_now}
         self.last_predictions = (keys, scores)  # read by the trace recorder (no second predict)
         with self._cond:
             self.device.cache.predict(scores)
             if self.host is not None:
                 self.host.cache.predict(scores)
             worker.submit(keys)
+
+    @property
+    def depth_now(self) -> int:
+        """Layers ahead the prefetch reads now (``depth``, or less while adapting)."""
+        return self.adaptive.depth if self.adaptive is not None else self.depth
+
+    def _adapt(self, layer: int, used: list[int], keys: list[ExpertKey]) -> None:
+        """Check the predictions made for ``layer`` against ``used``, record ``keys`` (made
+        at ``layer``), and say when the depth changes."""
+        assert self.adaptive is not None
+        before = self.adaptive.depth
+        self.adaptive.routed(layer, used)
+        self.adaptive.predicted(layer, keys)
+        after = self.adaptive.depth
+        if after != before:
+            edge = after if after > before else after + 1  # the distance that decided
+            log.info("prefetch depth %d -> %d (experts predicted %d layers ahead used: %.2f, "
+                     "threshold %.2f)", before, after, edge,
+                     self.adaptive.precision(edge) or 0.0, self.adaptive.threshold)
 
     @contextmanager
     def acquire(self, layer: int, experts: Sequence[int]) -> Iterator[Mapping[int, torch.Tensor]]:
