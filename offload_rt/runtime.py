@@ -121,8 +121,9 @@ class Runtime:
 
     @property
     def adaptive_prefetch(self) -> bool:
-        """Whether the prefetch depth adapts (not given, and deeper than its floor)."""
-        return not self.options.prefetch_given and \
+        """Whether the prefetch depth adapts (offloaded, not given, and deeper than its
+        floor); False for resident experts, which have no prefetch."""
+        return self.offloaded and not self.options.prefetch_given and \
             self.options.prefetch > PREFETCH_FLOOR  # type: ignore[operator]  # filled in
 
     def _choose_policy(self, options: RuntimeOptions) -> RuntimeOptions:

@@ -160,6 +160,7 @@ def test_the_cache_options_keep_their_defaults(tiny_hf_checkpoint: Path,
     assert RuntimeOptions(policy=None, prefetch=None, pool=None) == options
     with offload_rt.load(tiny_hf_checkpoint, offload=False) as rt:
         assert not rt.offloaded and rt.options.policy == "lru"
+        assert not rt.adaptive_prefetch  # no prefetch without an expert cache
     with offload_rt.load(tiny_hf_checkpoint, offload=True, drop_page_cache=False) as rt:
         assert rt.offloaded and (rt.options.prefetch, rt.options.pool) == (4, "auto")
         assert rt.adaptive_prefetch and rt.experts.adaptive.floor == 2  # 2 to 4 layers ahead

@@ -113,7 +113,8 @@ class OffloadedExperts(ExpertMover):
         if self.adaptive is not None:  # every distance checked, the current depth's queued
             self._adapt(layer, used.tolist(), keys)
             keys = self.adaptive.within(layer, keys)
-            scores = {k: p for k, p in scores.items() if k.layer - layer <= self.depth_now}
+            depth = self.adaptive.depth
+            scores = {k: p for k, p in scores.items() if k.layer - layer <= depth}
         self.last_predictions = (keys, scores)  # read by the trace recorder (no second predict)
         with self._cond:
             self.device.cache.predict(scores)
