@@ -77,7 +77,7 @@ class Runtime:
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
         self.expert_format = select_format(ckpt, options.experts, options.group_size,
-                                           self.dtype, self.device)
+                                           self.dtype, self.device, options.int4_kernel)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
                                  file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
         self.options = options = self._choose_policy(self._choose_prefetch(options))
@@ -150,14 +150,16 @@ class Runtime:
 
     def _experts(self, progress: Progress | None) -> ExpertProvider:
         cfg, o, fmt = self.config, self.options, self.expert_format
+        name = fmt.name + (f", {fmt.kernel} kernel" if getattr(fmt, "kernel", "torch") != "torch"
+                           else "")
         if not self.offloaded:
             log.info("all %d experts resident (%s each, %s)", cfg.num_layers * cfg.num_experts,
-                     format_size(self.plan.footprint.expert), fmt.name)
+                     format_size(self.plan.footprint.expert), name)
             return load_resident(self.checkpoint, fmt, self.device, progress)
         depth = f"{PREFETCH_FLOOR}-{o.prefetch} (adaptive)" if self.adaptive_prefetch \
             else str(o.prefetch)
         log.info("offloading: %s (%s each, %s), %d host slots, policy %s%s, prefetch %s",
-                 slots_text(self.plan), format_size(self.plan.footprint.expert), fmt.name,
+                 slots_text(self.plan), format_size(self.plan.footprint.expert), name,
                  self.plan.host_slots, o.policy, self.policy_note, depth)
         return build_offloaded(self.checkpoint, self.model, self.plan,
                                lambda: make_policy(o.policy), dtype=self.dtype,

@@ -7,7 +7,8 @@ of ``test_engine_exactness`` (a prefill, then decode steps fed with the resident
 tokens), and the same tokens through ``generate``: every policy at minimum capacity, prefetch
 0/1/2, per-layer and global pools, and the CUDA tier layout (disk -> host slots -> device
 slots) run on the CPU. A folder and the on-the-fly quantization of its float source hold the
-same records, so they agree with each other too.
+same records, so they agree with each other too. "int4-int8dot" is int4 computed by the
+int8-dot kernel (``--int4-kernel int8-dot``, ``quant.int4_dot``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ SPEC = TinySpec(num_experts=4, top_k=2, num_layers=2, hidden_size=64, intermedia
 GROUP = 32
 PROMPT_LEN = DECODE_STEPS = NEW_TOKENS = 12
 MAX_SEQ = 48
-FORMATS = ("int8", "int4")
+FORMATS = ("int8", "int4", "int4-int8dot")
+KERNELS = {"int4-int8dot": "int8-dot"}  # format -> its --int4-kernel (else torch's)
 SOURCES = ("folder", "on_the_fly")
 POLICIES = ("lru", "lfu", "lrfu", "router", "static")
 
@@ -56,10 +58,17 @@ class QuantReference:
     generated: list[int]
 
 
+def _base(fmt: str) -> str:
+    """The records' format: int4 for "int4-int8dot"."""
+    return fmt.split("-")[0]
+
+
 def _options(fmt: str, source: str) -> dict[str, object]:
+    kernel = {"int4_kernel": KERNELS[fmt]} if fmt in KERNELS else {}
     if source == "folder":
-        return {}
-    return {"experts": fmt, **({"group_size": GROUP} if fmt == "int4" else {})}
+        return kernel
+    return {"experts": _base(fmt), **({"group_size": GROUP} if _base(fmt) == "int4" else {}),
+            **kernel}
 
 
 def _reference(model_dir: Path, options: dict[str, object]) -> QuantReference:
@@ -68,6 +77,7 @@ def _reference(model_dir: Path, options: dict[str, object]) -> QuantReference:
     with offload_rt.load(model_dir, dtype="float32", offload=False, max_seq_len=MAX_SEQ,
                          **options) as rt:
         assert not rt.offloaded and rt.expert_format.name != "float"
+        assert getattr(rt.expert_format, "kernel", "torch") == options.get("int4_kernel", "torch")
         accesses = count_accesses(rt.experts)
         logits = [rt.model(torch.tensor(prompt), 0)]
         feed: list[int] = []
@@ -95,7 +105,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], 
 
     def get(fmt: str, source: str) -> QuantReference:
         if (fmt, source) not in made:
-            model_dir = folder(fmt if source == "folder" else "float")
+            model_dir = folder(_base(fmt) if source == "folder" else "float")
             made[fmt, source] = _reference(model_dir, _options(fmt, source))
         return made[fmt, source]
 
@@ -146,7 +156,7 @@ def test_a_folder_and_its_float_source_quantized_at_load_agree(
 def test_bfloat16_compute_matches_resident(tmp_path: Path, fmt: str, source: str) -> None:
     """A 16-bit compute dtype: the scales are in it, x is not cast (min capacity, prefetch)."""
     spec = TinySpec(**{**SPEC.__dict__, "dtype": torch.bfloat16})
-    model_dir = (make_quantized_checkpoint(tmp_path, spec, fmt, GROUP) if source == "folder"
+    model_dir = (make_quantized_checkpoint(tmp_path, spec, _base(fmt), GROUP) if source == "folder"
                  else make_hf_checkpoint(tmp_path, spec))
     opts = {"max_seq_len": MAX_SEQ, **_options(fmt, source)}
     prompt = list(range(3, 3 + PROMPT_LEN))
@@ -226,3 +236,12 @@ def test_int8_on_a_gpu_matches_resident_on_the_gpu(
                              pool=pool, **opts) as rt:
             assert rt.experts.host is not None
             assert_same_logits(run_sequence(rt, ref.prompt, ref.feed), want)
+
+
+def test_the_int8_dot_kernel_is_what_runs(reference: Callable[[str, str], QuantReference]) -> None:
+    """Its own bits (int8 activations), near torch's kernel's on the same records: the
+    int4-int8dot cases above run the kernel they name, not torch's."""
+    dot, torch_kernel = reference("int4-int8dot", "folder"), reference("int4", "folder")
+    assert not all(torch.equal(a, b) for a, b in zip(dot.logits, torch_kernel.logits))
+    first = dot.logits[0], torch_kernel.logits[0]
+    assert (first[0] - first[1]).abs().max() < 0.05 * first[1].abs().max()

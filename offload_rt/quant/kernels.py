@@ -38,6 +38,20 @@ kernels' packed layout, made once when it was written) and bounded by ``DEQUANT_
 their own layout fingerprint names (``int4_layout``), never by what this CPU would pack.
 Dequantization gives other bits than the kernels (the weights are rounded to the compute dtype
 before the GEMM), well inside the quantization error.
+
+int4 experts can run the ``int8-dot`` kernel instead of torch's (``--int4-kernel int8-dot``;
+``quant.int4_dot``: int8 activations, integer dot products). It is faster than dequantize +
+GEMM up to a few hundred rows (same benchmark machine, one thread, ``small``'s matrices, median
+of 5, microseconds):
+
+| rows | 64 | 96 | 128 | 192 | 256 | 384 |
+| --- | --- | --- | --- | --- | --- | --- |
+| [w1; w3] dequantize + GEMM | 15882 | 17303 | 20240 | 22655 | 26634 | 37200 |
+| [w1; w3] int8-dot | 5904 | 8727 | 11606 | 17126 | 22851 | 34370 |
+| w2 dequantize + GEMM | 7038 | 7760 | 9130 | 13326 | 13234 | 19053 |
+| w2 int8-dot | 3207 | 4651 | 6341 | 9304 | 12495 | 18685 |
+
+so with it the dequantize path starts at ``INT8_DOT_DEQUANT_MIN_ROWS`` (where the two meet).
 """
 
 from __future__ import annotations
@@ -45,13 +59,14 @@ from __future__ import annotations
 import torch
 
 from offload_rt.model.cpu_linear import linear
-from offload_rt.quant import int4_layout
+from offload_rt.quant import int4_dot, int4_layout
 from offload_rt.quant.int4_layout import Scheme
 
 # rows of x from which dequantize + GEMM beats the weight-only kernel (module docstring;
 # benchmarks/results/linear_quant_small.json)
 INT8_DEQUANT_MIN_ROWS = 24
 INT4_DEQUANT_MIN_ROWS = 96
+INT8_DOT_DEQUANT_MIN_ROWS = 384  # with --int4-kernel int8-dot (table above)
 # torch 2.13's aten._weight_int8pack_mm on CPU reads past the end of rows whose K is not a
 # multiple of 16: at K = 24 or 40 with 2-11 rows it crashed (SIGSEGV) or gave errors of ~500
 # (tests/test_quant_kernels.py); those shapes always take the dequantize path
@@ -70,11 +85,14 @@ def uses_int8_dequant(x: torch.Tensor) -> bool:
                                        or x.shape[-1] % INT8_KERNEL_K_MULTIPLE != 0)
 
 
-def uses_int4_dequant(x: torch.Tensor, out_features: int, scheme: Scheme | None) -> bool:
-    """Whether ``int4_mm`` dequantizes: ``INT4_DEQUANT_MIN_ROWS`` rows or more, and the weight's
-    packing ``scheme`` (``int4_layout.scheme_of_layout`` of its record) is known and holds
+def uses_int4_dequant(x: torch.Tensor, out_features: int, scheme: Scheme | None,
+                      kernel: str = "torch") -> bool:
+    """Whether ``int4_mm`` dequantizes: ``INT4_DEQUANT_MIN_ROWS`` rows or more
+    (``INT8_DOT_DEQUANT_MIN_ROWS`` with the ``int8-dot`` kernel), and the weight's packing
+    ``scheme`` (``int4_layout.scheme_of_layout`` of its record) is known and holds
     ``out_features`` in whole blocks."""
-    return (x.device.type == "cpu" and _rows(x) >= INT4_DEQUANT_MIN_ROWS
+    least = INT4_DEQUANT_MIN_ROWS if kernel == "torch" else INT8_DOT_DEQUANT_MIN_ROWS
+    return (x.device.type == "cpu" and _rows(x) >= least
             and scheme is not None and out_features % scheme[0] == 0)
 
 
@@ -105,12 +123,16 @@ def int8_dequant_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.
 
 
 def int4_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
-            scheme: Scheme | None) -> torch.Tensor:
+            scheme: Scheme | None, kernel: str = "torch") -> torch.Tensor:
     """x [T, K] (scale dtype, CPU), w packed uint8 [N, K/2] in ``scheme`` (None: unknown),
-    sz [K/G, N, 2] -> [T, N]."""
-    if uses_int4_dequant(x, w.shape[0], scheme):
+    sz [K/G, N, 2] -> [T, N]. ``kernel``: "torch" (torch's weight-only kernel) or "int8-dot"
+    (``quant.int4_dot``; needs a known ``scheme``) below the dequantize path's rows."""
+    if uses_int4_dequant(x, w.shape[0], scheme, kernel):
         assert scheme is not None
         return int4_dequant_mm(x, w, group, sz, scheme)
+    if kernel == int4_dot.NAME:
+        assert scheme is not None
+        return int4_dot.int4_dot_mm(x, w, group, sz, scheme)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w, group, sz)
 
 

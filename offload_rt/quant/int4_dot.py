@@ -1,0 +1,125 @@
+"""The "int8-dot" int4 kernel: activations quantized to int8 per group, integer dot products.
+
+torch's weight-only int4 kernel (``aten._weight_int4pack_mm_for_cpu``) converts every weight to
+float and multiplies in float32: on this project's AVX-512 machine it runs at ~10 GB/s of
+weights on one thread, compute-bound, while the memory delivers ~27 GB/s. llama.cpp's Q4 x Q8
+approach multiplies 4-bit weights by 8-bit activations in integers (``vpdpbusd``: 64
+multiply-adds per instruction). This kernel does the same on offload_rt's int4 records as they
+are (torch's packing, the record's own scales and zero points, nothing repacked), in C
+(``native/int4_dot.c``, built on first use: ``quant.native``).
+
+Per row t of x and group G of the weights' group size g:
+
+    amax = max |x[t, G]|;  sx = amax / 127;  xq = clamp(rint(x * (127 / amax)), -127, 127)
+    X = sum xq;  J[n] = sum xq * q[n] - 8 X        (exact int32; w = (q - 8) * scale + zero)
+    out[t, n] = sum over G, in order, of  sx * (float(J) * scale[G, n] + float(X) * zero[G, n])
+
+in float32, each operation rounded on its own (the C is built with ``-ffp-contract=off``), then
+rounded to x's dtype. A group that is all zeros gives sx = 0; one holding NaN or infinity gives
+NaN outputs. Because the sums are integers and the float steps are fixed, the AVX-512 VNNI path,
+the portable C path and ``reference`` (torch) give the same bits on every machine
+(``tests/test_int4_dot.py``). It is not the bits of torch's kernel: the activations lose
+precision to int8 (measured in the README's quality table), so it is a choice a run makes
+(``--int4-kernel int8-dot``), applied the same to resident and offloaded experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from offload_rt.quant import native
+from offload_rt.quant.int4_layout import Scheme
+
+NAME = "int8-dot"
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = native.library("int4_dot", f"--int4-kernel {NAME}")
+    lib.ort_quantize_rows.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr]
+    lib.ort_int4_dot.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int, _int,
+                                 _ptr, _int, _ptr, _int, _int, _int]
+    lib.ort_int4_dot_vector.argtypes = [_int, _int]
+    return lib
+
+
+def load() -> None:
+    """Build (first use) and load the kernel now: ``native.KernelBuildError`` if it cannot."""
+    _lib()
+
+
+def vector_path(scheme: Scheme) -> bool:
+    """Whether this CPU runs the AVX-512 VNNI path for records packed in ``scheme`` (else the
+    portable C loop: the same bits, several times slower)."""
+    return bool(_lib().ort_int4_dot_vector(scheme[0], scheme[1] == "pairs"))
+
+
+def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
+                scheme: Scheme, portable: bool = False) -> torch.Tensor:
+    """x [T, K] (bfloat16, float16 or float32, CPU), w packed uint8 [N, K/2] in ``scheme``, sz
+    [K/G, N, 2] (scale, zero; bfloat16, float16 or float32) -> [T, N] in x's dtype (module
+    docstring). ``portable`` forces the portable C path (tests)."""
+    t, k = x.shape
+    n = w.shape[0]
+    if x.dtype not in _DTYPE_CODES or sz.dtype not in _DTYPE_CODES:
+        raise TypeError(f"int4_dot_mm takes bfloat16/float16/float32 x and scales, not "
+                        f"{x.dtype} / {sz.dtype}")
+    if k % group or group % 4 or group > 256 or n % scheme[0] or w.shape[1] * 2 != k:
+        raise ValueError(f"int4_dot_mm: x [{t}, {k}], w {list(w.shape)}, group {group} and "
+                         f"packing {scheme} do not fit")
+    x, w, sz = x.contiguous(), w.contiguous(), sz.contiguous()
+    xq = torch.empty(t, k, dtype=torch.int8)
+    sx = torch.empty(t, k // group, dtype=torch.float32)
+    xs = torch.empty(t, k // group, dtype=torch.int32)
+    lib = _lib()
+    lib.ort_quantize_rows(x.data_ptr(), _DTYPE_CODES[x.dtype], t, k, group, xq.data_ptr(),
+                          sx.data_ptr(), xs.data_ptr())
+    bf16 = x.dtype == torch.bfloat16
+    out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+    failed = lib.ort_int4_dot(xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), t, k, group,
+                              w.data_ptr(), n, scheme[0], scheme[1] == "pairs", sz.data_ptr(),
+                              _DTYPE_CODES[sz.dtype], out.data_ptr(), bf16,
+                              torch.get_num_threads(), portable)
+    assert not failed
+    return out if bf16 else out.to(x.dtype)
+
+
+def quantize_activations(x: torch.Tensor, group: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (xq int8 [T, K], sx float32 [T, K/g], X int32 [T, K/g]) as the module
+    docstring says, in torch."""
+    t, k = x.shape
+    xg = x.float().view(t, k // group, group)
+    amax = xg.abs().amax(dim=-1, keepdim=True)  # NaN when the group holds NaN
+    finite = torch.isfinite(amax)
+    usable = finite & (amax > 0)
+    # a true division (``127.0 / tensor`` is reciprocal * 127 in torch: rounded twice)
+    inv = torch.where(usable, torch.full_like(amax, 127.0).div(torch.where(usable, amax, 1.0)),
+                      0.0)
+    xq = torch.round(torch.where(usable, xg, 0.0) * inv).clamp_(-127, 127).to(torch.int8)
+    sx = torch.where(usable, amax / 127.0, torch.where(finite, 0.0, float("nan")))
+    return xq.view(t, k), sx.view(t, -1), xq.to(torch.int32).sum(dim=-1).to(torch.int32)
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """The kernel's result in torch, from the unpacked values q [N, K] in 0..15: the bits
+    ``int4_dot_mm`` must give (tests)."""
+    t, k = x.shape
+    n = q.shape[0]
+    xq, sx, xsum = quantize_activations(x, group)
+    ng = k // group
+    prods = torch.einsum("tgk,ngk->tgn", xq.view(t, ng, group).to(torch.int64),
+                         q.view(n, ng, group).to(torch.int64))  # exact
+    j = (prods - 8 * xsum.to(torch.int64)[..., None]).to(torch.float32)  # [T, G, N]
+    scale, zero = sz.float().unbind(-1)  # [G, N] each
+    out = torch.zeros(t, n, dtype=torch.float32)
+    for g in range(ng):
+        a = j[:, g] * scale[g]
+        b = xsum[:, g, None].to(torch.float32) * zero[g]
+        out = out + sx[:, g, None] * (a + b)
+    return out.to(x.dtype)

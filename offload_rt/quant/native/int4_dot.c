@@ -1,0 +1,244 @@
+/* int4 weights x int8 activations: the "int8-dot" CPU kernel of offload_rt's int4 experts.
+ *
+ * out[t, n] = sum over groups G of  sx[t,G] * ((float)J * scale[G,n] + (float)X * zero[G,n])
+ *   X = sum_{k in G} xq[t,k],  J = sum_{k in G} xq[t,k] * q[n,k] - 8 * X   (both exact int32)
+ * with xq = rint(x * (127 / amax)), sx = amax / 127 per row and group of the weights' group size
+ * (the weights: w ~ (q - 8) * scale + zero, torch's "tinygemm" convention, q in 0..15 packed by
+ * one of torch's CPU int4 packings, see int4_layout.py). The groups are summed in order, each
+ * float operation separately rounded (built with -ffp-contract=off): the AVX-512 VNNI path and
+ * the portable path give the same bits, and both the bits of the torch reference in
+ * offload_rt/quant/int4_dot.py. The approach (int4 x int8 integer dot products with per-block
+ * float scales) is llama.cpp's Q4 x Q8 one; the code is offload_rt's own.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define ORT_X86 1
+#endif
+
+enum { DT_BF16 = 0, DT_F16 = 1, DT_F32 = 2 };
+
+static float bits_to_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return bits_to_f32(sign | 0x7F800000u | (man << 13));
+    if (exp == 0) {
+        if (man == 0) return bits_to_f32(sign);
+        float v = (float)man * (1.0f / 16777216.0f); /* man * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+static uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN -> 0x7FC0 (c10::BFloat16) */
+    uint32_t u; memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static float value_at(const void *sz, int dt, int64_t i) {
+    if (dt == DT_BF16) return bf16_to_f32(((const uint16_t *)sz)[i]);
+    if (dt == DT_F16) return f16_to_f32(((const uint16_t *)sz)[i]);
+    return ((const float *)sz)[i];
+}
+
+/* x [T, K] in xdt -> xq int8 [T, K], sx float [T, K/g], xs int32 [T, K/g]; g <= 256 */
+int ort_quantize_rows(const void *x, int xdt, int64_t T, int64_t K, int64_t g, int8_t *xq,
+                      float *sx, int32_t *xs) {
+    if (g > 256 || K % g) return 1;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k0 = 0; k0 < K; k0 += g) {
+            float xr[256];
+            for (int64_t k = 0; k < g; k++) xr[k] = value_at(x, xdt, t * K + k0 + k);
+            int8_t *qr = xq + t * K + k0;
+            float amax = 0.0f;
+            int finite = 1;
+            for (int64_t k = 0; k < g; k++) {
+                float a = fabsf(xr[k]);
+                if (!(a <= 3.4028234663852886e38f)) finite = 0;
+                else if (a > amax) amax = a;
+            }
+            int64_t gi = t * (K / g) + k0 / g;
+            int32_t sum = 0;
+            if (!finite || amax == 0.0f) {
+                for (int64_t k = 0; k < g; k++) qr[k] = 0;
+                sx[gi] = finite ? 0.0f : NAN;
+            } else {
+                float inv = 127.0f / amax;
+                for (int64_t k = 0; k < g; k++) {
+                    float v = nearbyintf(xr[k] * inv);
+                    v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+                    qr[k] = (int8_t)v;
+                    sum += qr[k];
+                }
+                sx[gi] = amax / 127.0f;
+            }
+            xs[gi] = sum;
+        }
+    return 0;
+}
+
+/* the nibble of row c (within its block of R rows) at column k */
+static inline int nibble(const uint8_t *block, int64_t k, int R, int pairs, int c) {
+    int half = R / 2;
+    if (pairs) {
+        uint8_t b = block[k * half + c / 2];
+        return (c & 1) ? (b >> 4) : (b & 15);
+    }
+    uint8_t b = block[k * half + (c % half)];
+    return (c >= half) ? (b >> 4) : (b & 15);
+}
+
+/* one row of x against one block of R weight rows, any packing: out_block[c] for c < R */
+static void block_row_portable(const uint8_t *block, int R, int pairs, const int8_t *xq,
+                               const float *sx, const int32_t *xs, int64_t K, int64_t g,
+                               const void *sz, int sdt, int64_t N, int64_t n0, float *o) {
+    for (int c = 0; c < R; c++) o[c] = 0.0f;
+    for (int64_t gi = 0; gi < K / g; gi++) {
+        int32_t X = xs[gi];
+        for (int c = 0; c < R; c++) {
+            int32_t I = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++)
+                I += (int32_t)xq[k] * nibble(block, k, R, pairs, c);
+            int64_t at = (gi * N + n0 + c) * 2;
+            float s = value_at(sz, sdt, at), z = value_at(sz, sdt, at + 1);
+            float a = (float)(I - 8 * X) * s;
+            float b = (float)X * z;
+            float t = a + b;
+            float u = sx[gi] * t;
+            o[c] = o[c] + u;
+        }
+    }
+}
+
+#ifdef ORT_X86
+#define ORT_VNNI __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+ORT_VNNI static inline void scales8(const void *sz, int sdt, int64_t at, __m256 *s, __m256 *z) {
+    if (sdt == DT_F32) {
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at), idx);
+        __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at + 8), idx);
+        *s = _mm256_permute2f128_ps(lo, hi, 0x20);
+        *z = _mm256_permute2f128_ps(lo, hi, 0x31);
+        return;
+    }
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + at)); /* (s, z) pairs */
+    if (sdt == DT_BF16) {
+        *s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        *z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+    } else {
+        *s = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF))));
+        *z = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
+    }
+}
+
+/* torch's AVX-512 packing (64 rows, byte j of a k-row: rows j and j + 32): 4 k-rows of 32 bytes
+ * are interleaved into lanes of 4 consecutive k per row (unpack bytes, then 16-bit pairs) and
+ * multiplied by 4 int8 activations per lane (vpdpbusd). The unpacks work within 128-bit lanes:
+ * E holds rows 0-3 | 16-19, F 4-7 | 20-23, G 8-11 | 24-27, H 12-15 | 28-31 (+32: high nibbles). */
+ORT_VNNI static void block_row_vnni(const uint8_t *block, const int8_t *xq, const float *sx,
+                                    const int32_t *xs, int64_t K, int64_t g, const void *sz,
+                                    int sdt, int64_t N, int64_t n0, float *o) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t gi = 0; gi < K / g; gi++) {
+        __m256i a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 4) {
+            const uint8_t *p = block + k * 32;
+            __m256i r0 = _mm256_loadu_si256((const __m256i *)p);
+            __m256i r1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+            __m256i r2 = _mm256_loadu_si256((const __m256i *)(p + 64));
+            __m256i r3 = _mm256_loadu_si256((const __m256i *)(p + 96));
+            int32_t quad;
+            memcpy(&quad, xq + k, 4);
+            __m256i xb = _mm256_set1_epi32(quad);
+            __m256i A = _mm256_unpacklo_epi8(r0, r1), B = _mm256_unpackhi_epi8(r0, r1);
+            __m256i C = _mm256_unpacklo_epi8(r2, r3), D = _mm256_unpackhi_epi8(r2, r3);
+            __m256i q[4] = {_mm256_unpacklo_epi16(A, C), _mm256_unpackhi_epi16(A, C),
+                            _mm256_unpacklo_epi16(B, D), _mm256_unpackhi_epi16(B, D)};
+            for (int i = 0; i < 4; i++) {
+                a[i] = _mm256_dpbusd_epi32(a[i], _mm256_and_si256(q[i], m4), xb);
+                a[i + 4] = _mm256_dpbusd_epi32(
+                    a[i + 4], _mm256_and_si256(_mm256_srli_epi16(q[i], 4), m4), xb);
+            }
+        }
+        __m256i rows[8]; /* rows 8i .. 8i + 7 of the block */
+        for (int h = 0; h < 2; h++) {
+            rows[4 * h + 0] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x20);
+            rows[4 * h + 1] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x20);
+            rows[4 * h + 2] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x31);
+            rows[4 * h + 3] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x31);
+        }
+        int32_t X = xs[gi];
+        __m256i x8 = _mm256_set1_epi32(8 * X);
+        __m256 xf = _mm256_set1_ps((float)X), sxv = _mm256_set1_ps(sx[gi]);
+        for (int i = 0; i < 8; i++) {
+            __m256 s, z;
+            scales8(sz, sdt, (gi * N + n0 + 8 * i) * 2, &s, &z);
+            __m256 jf = _mm256_cvtepi32_ps(_mm256_sub_epi32(rows[i], x8));
+            __m256 t = _mm256_add_ps(_mm256_mul_ps(jf, s), _mm256_mul_ps(xf, z));
+            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(sxv, t));
+        }
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+}
+
+static int have_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+}
+#endif
+
+/* 1 when this CPU runs the vector path for (R, pairs), else 0 */
+int ort_int4_dot_vector(int R, int pairs) {
+#ifdef ORT_X86
+    return R == 64 && !pairs && have_vnni();
+#else
+    (void)R; (void)pairs;
+    return 0;
+#endif
+}
+
+/* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's sum.
+ * w: packed uint8 [N / R blocks][K][R / 2]; sz: [K / g, N, 2] (scale, zero) in sdt. */
+int ort_int4_dot(const int8_t *xq, const float *sx, const int32_t *xs, int64_t T, int64_t K,
+                 int64_t g, const uint8_t *w, int64_t N, int R, int pairs, const void *sz,
+                 int sdt, void *out, int out_bf16, int threads, int portable) {
+    if (K % g || g % 4 || N % R || R % 2) return 1;
+    int vector = !portable && ort_int4_dot_vector(R, pairs);
+    int64_t nblocks = N / R, G = K / g;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1)
+    for (int64_t b = 0; b < nblocks; b++) {
+        float o[256];
+        const uint8_t *block = w + b * K * (R / 2);
+        for (int64_t t = 0; t < T; t++) {
+            const int8_t *xr = xq + t * K;
+            const float *sr = sx + t * G;
+            const int32_t *sumr = xs + t * G;
+#ifdef ORT_X86
+            if (vector)
+                block_row_vnni(block, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
+            else
+#endif
+                block_row_portable(block, R, pairs, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
+            if (out_bf16) {
+                uint16_t *dst = (uint16_t *)out + t * N + b * R;
+                for (int c = 0; c < R; c++) dst[c] = f32_to_bf16(o[c]);
+            } else {
+                memcpy((float *)out + t * N + b * R, o, sizeof(float) * (size_t)R);
+            }
+        }
+    }
+    return 0;
+}

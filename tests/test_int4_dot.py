@@ -1,0 +1,176 @@
+"""The int8-dot int4 kernel (``quant.int4_dot``, ``native/int4_dot.c``): the same bits from the
+AVX-512 VNNI path, the portable C path and the torch reference, for every packing, group size,
+dtype and row count; close to the float product; clear errors when it cannot be built or used."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload_rt.errors import OptionError
+from offload_rt.options import RuntimeOptions
+from offload_rt.quant import int4_dot, int4_layout, kernels, native
+from offload_rt.quant.int4 import dequantize_int4, quantize_int4
+
+SCHEMES = int4_layout.SCHEMES
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def _case(scheme: tuple[int, str], group: int, dtype: torch.dtype, rows: int, seed: int = 0,
+          n: int = 128, k: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    sz = (torch.randn(k // group, n, 2, generator=gen) * 0.05).to(dtype)
+    x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
+    return x, q, int4_layout.pack(q, scheme), sz
+
+
+@pytest.mark.parametrize(("scheme", "group", "dtype", "rows"),
+                         list(itertools.product(SCHEMES, (32, 64, 128, 256), DTYPES, (1, 3))))
+def test_every_path_gives_the_references_bits(scheme: tuple[int, str], group: int,
+                                               dtype: torch.dtype, rows: int) -> None:
+    x, q, w, sz = _case(scheme, group, dtype, rows)
+    want = int4_dot.reference(x, q, sz, group)
+    fast = int4_dot.int4_dot_mm(x, w, group, sz, scheme)
+    portable = int4_dot.int4_dot_mm(x, w, group, sz, scheme, portable=True)
+    assert fast.dtype == portable.dtype == dtype
+    assert torch.equal(_bits(fast), _bits(want))
+    assert torch.equal(_bits(portable), _bits(want))
+
+
+def test_the_vector_path_is_taken_where_the_cpu_has_it() -> None:
+    """On a CPU with AVX-512 VNNI (this project's benchmark machine) the AVX-512 packing runs
+    vectorized; the others always run the portable loop."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vnni = all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    assert int4_dot.vector_path((64, "halves")) == vnni
+    assert not int4_dot.vector_path((32, "halves")) and not int4_dot.vector_path((32, "pairs"))
+
+
+def test_threads_do_not_change_the_bits() -> None:
+    x, _q, w, sz = _case((64, "halves"), 64, torch.bfloat16, 2, n=512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+        torch.set_num_threads(2)
+        two = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(_bits(one), _bits(two))
+
+
+def test_near_the_float_product() -> None:
+    """int8 activations cost ~0.5% of the output's scale against the dequantized weights."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 1024, generator=gen)
+    q, sz = quantize_int4(w, 64, torch.bfloat16)
+    x = torch.randn(4, 1024, generator=gen)
+    exact = x @ dequantize_int4(q, sz, 64, torch.float32).t()
+    got = int4_dot.int4_dot_mm(x, int4_layout.pack(q, (64, "halves")), 64, sz, (64, "halves"))
+    err = (got - exact).abs().max() / exact.abs().max()
+    assert 0 < err < 0.01
+
+
+def test_zero_and_non_finite_groups() -> None:
+    """An all-zero group contributes nothing; NaN or infinity in a group makes its row NaN."""
+    x, q, w, sz = _case((64, "halves"), 64, torch.float32, 3)
+    x[0, :64] = 0
+    x[1, 70] = float("nan")
+    x[2, 5] = float("inf")
+    got = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+    want = int4_dot.reference(x, q, sz, 64)
+    assert torch.isfinite(got[0]).all() and torch.equal(got[0], want[0])
+    assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
+    assert torch.isnan(want[1]).all() and torch.isnan(want[2]).all()
+
+
+def test_shapes_it_cannot_take_are_refused() -> None:
+    x, _q, w, sz = _case((64, "halves"), 64, torch.float32, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        int4_dot.int4_dot_mm(x[:, :500], w, 64, sz, (64, "halves"))
+    with pytest.raises(TypeError, match="bfloat16/float16/float32"):
+        int4_dot.int4_dot_mm(x.double(), w, 64, sz, (64, "halves"))
+
+
+def test_rows_from_which_it_dequantizes() -> None:
+    """The int8-dot kernel keeps more rows than torch's before the dequantize + GEMM path."""
+    for rows, torch_path, dot_path in ((95, False, False), (96, True, False), (383, True, False),
+                                       (384, True, True)):
+        x = torch.zeros(rows, 64)
+        assert kernels.uses_int4_dequant(x, 128, (64, "halves")) == torch_path
+        assert kernels.uses_int4_dequant(x, 128, (64, "halves"), "int8-dot") == dot_path
+
+
+def test_a_missing_compiler_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.library.cache_clear()
+    try:
+        with pytest.raises(native.KernelBuildError, match="no-such-cc.*install one") as info:
+            native.library("int4_dot", "--int4-kernel int8-dot")
+        assert isinstance(info.value, OptionError)
+        assert "--int4-kernel int8-dot" in str(info.value)
+    finally:
+        native.library.cache_clear()
+
+
+def test_a_failing_build_shows_the_compilers_words(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc 1.0 && exit 0\n"
+                    "echo 'int4_dot.c:1: error: no vectors here' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    native.library.cache_clear()
+    try:
+        with pytest.raises(native.KernelBuildError, match=r"exit 3\):\nint4_dot.c:1: error"):
+            native.library("int4_dot", "--int4-kernel int8-dot")
+        assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-written library left
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        native.library("int4_dot", "test")
+        built = list(tmp_path.glob("int4_dot-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.library.cache_clear()
+        native.library("int4_dot", "test")
+        assert built[0].stat().st_mtime_ns == stamp
+    finally:
+        native.library.cache_clear()
+
+
+def test_option_values_are_checked() -> None:
+    with pytest.raises(OptionError, match="--int4-kernel fast .*torch, int8-dot"):
+        RuntimeOptions(int4_kernel="fast")
+    assert RuntimeOptions(int4_kernel="int8-dot").int4_kernel == "int8-dot"
+
+
+def test_experts_that_are_not_int4_refuse_it(tmp_path: Path) -> None:
+    from checkpoint_factory import TinySpec, make_hf_checkpoint
+
+    import offload_rt
+
+    model_dir = make_hf_checkpoint(tmp_path, TinySpec(hidden_size=64, intermediate_size=128))
+    for extra, runs_as in (({}, "float"), ({"experts": "int8"}, "int8")):
+        with pytest.raises(OptionError, match=f"--int4-kernel int8-dot computes int4 experts, "
+                                              f"and these run as {runs_as}"):
+            offload_rt.load(model_dir, int4_kernel="int8-dot", **extra)
+    with offload_rt.load(model_dir, int4_kernel="torch", experts="int8") as rt:  # the default
+        assert rt.expert_format.name == "int8"
