@@ -173,7 +173,7 @@ def run_bench(rt: Runtime, *, prompt_tokens: int = 32, new_tokens: int = 32, rep
                     **_cache_sizes(rt),
                     "policy": o.policy, "prefetch": o.prefetch,
                     **_prefetch_depth(rt), "trunk": o.trunk,
-                    "int4_kernel": getattr(rt.expert_format, "kernel", None),
+                    "quant_kernel": o.quant_kernel or "torch",
                     "hybrid": o.hybrid,
                     "page_cache": "bypassed" if o.drop_page_cache else "used"},
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,

@@ -20,9 +20,9 @@ from offload_rt.options import (
     DEFAULT_PREFETCH,
     EXPERT_FORMATS,
     HYBRID_MODES,
-    INT4_KERNELS,
     POOLS,
     PREFETCH_FLOOR,
+    QUANT_KERNELS,
     SCAN_POLICY,
     SCAN_POLICY_NO_PREDICTIONS,
     SCAN_PREFETCH,
@@ -153,11 +153,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", metavar="N", type=int, default=d.group_size,
                        help="int4 group size: 32, 64, 128 or 256, dividing the hidden and "
                             "intermediate sizes (default: 64); with --experts int4 only")
-    group.add_argument("--int4-kernel", choices=INT4_KERNELS, default=d.int4_kernel,
-                       help="how int4 experts are computed: torch (its weight-only kernel, "
-                            "the default) or int8-dot (offload_rt's: activations quantized to "
-                            "int8 per group, integer dot products; about 2x faster on one "
-                            "thread with AVX-512 VNNI; built with the C compiler on first use)")
+    group.add_argument("--quant-kernel", choices=QUANT_KERNELS, default=d.quant_kernel,
+                       help="how int8/int4 experts and an int8 trunk are multiplied on the "
+                            "CPU: torch (its weight-only kernels, the default) or int8-dot "
+                            "(offload_rt's: activations quantized to int8 per group, integer "
+                            "dot products; about 2x faster on one thread with AVX-512 VNNI; "
+                            "built with the C compiler on first use)")
     group.add_argument("--trunk", choices=TRUNK_FORMATS, default=d.trunk,
                        help="trunk format: int8 quantizes the attention projections and the "
                             "LM head at load (one scale per output channel; --device cpu "
@@ -190,7 +191,7 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
             "hybrid": args.hybrid,
             "max_seq_len": args.max_seq_len, "offload": args.offload,
             "experts": args.experts, "group_size": args.group_size, "trunk": args.trunk,
-            "int4_kernel": args.int4_kernel}
+            "quant_kernel": args.quant_kernel}
     return demo_options(opts) if args.model_dir is None else opts
 
 

@@ -19,7 +19,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 POOLS = ("auto", "layer", "global")
 POOL_CHOICE = {"auto": None, "layer": True, "global": False}  # plan_memory's per_layer
 EXPERT_FORMATS = ("float", "int8", "int4", "fp8")  # fp8: an fp8 checkpoint's own experts only
-INT4_KERNELS = ("torch", "int8-dot")  # quant.formats.INT4_KERNELS: int4 experts' CPU kernel
+QUANT_KERNELS = ("torch", "int8-dot")  # quant.formats.QUANT_KERNELS
 TRUNK_FORMATS = ("float", "int8")  # int8: attention projections and LM head (model.int8_linear)
 HYBRID_MODES = ("auto", "off", "always")  # engine.hybrid.MODES (not imported: it needs torch)
 
@@ -84,7 +84,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "experts": ((str,), True, f"one of {list(EXPERT_FORMATS)} or None"),
     "group_size": ((int,), True, "an int >= 1 or None"),
     "trunk": ((str,), True, f"one of {list(TRUNK_FORMATS)} or None"),
-    "int4_kernel": ((str,), True, f"one of {list(INT4_KERNELS)} or None"),
+    "quant_kernel": ((str,), True, f"one of {list(QUANT_KERNELS)} or None"),
     "hybrid": ((str,), True, f"one of {list(HYBRID_MODES)} or None"),
 }
 
@@ -133,12 +133,12 @@ class RuntimeOptions:
     projections and the LM head at load (``model.int8_linear``; CPU only: torch has no CUDA
     kernel for int8 weight-only matrix products).
 
-    ``int4_kernel``: how int4 experts are computed on the CPU: None or "torch" = torch's
-    weight-only kernel (bf16 activations); "int8-dot" = offload_rt's kernel
-    (``quant.int4_dot``: activations quantized to int8 per group, integer dot products; ~2x
-    faster on one thread where AVX-512 VNNI exists, other bits), built with the machine's C
-    compiler on first use. Given for experts that are not int4, it is refused
-    (``quant.select.select_format``).
+    ``quant_kernel``: how int8/int4 experts and an int8 trunk are multiplied on the CPU for few
+    rows: None or "torch" = torch's weight-only kernels (activations in the scale dtype);
+    "int8-dot" = offload_rt's (``quant.int_dot``: activations quantized to int8 per group,
+    integer dot products; ~2x faster on one thread where AVX-512 VNNI exists, other bits),
+    built with the machine's C compiler on first use. Refused on a GPU and for a run with
+    nothing quantized (``runtime._check_quant_kernel``).
 
     Every value is type-checked; a wrong type or value, and options that contradict each
     other, raise ``OptionError`` naming each option as ``option_name`` spells it
@@ -161,7 +161,7 @@ class RuntimeOptions:
     group_size: int | None = None  # int4 only; None: 64
     trunk: str | None = None  # None: the folder's (float; int8 if stored so); "float", "int8"
     hybrid: str | None = None  # None: DEFAULT_HYBRID; "auto", "off", "always" (engine.hybrid)
-    int4_kernel: str | None = None  # None: "torch"; "int8-dot" (quant.int4_dot)
+    quant_kernel: str | None = None  # None: "torch"; "int8-dot" (quant.int_dot)
     policy_given: bool = field(default=False, init=False, repr=False, compare=False)
     prefetch_given: bool = field(default=False, init=False, repr=False, compare=False)
 
@@ -206,9 +206,9 @@ class RuntimeOptions:
         if self.hybrid not in HYBRID_MODES:
             raise OptionError(f"{option_name('hybrid', self.hybrid)}: choose one of "
                               f"{', '.join(HYBRID_MODES)}")
-        if self.int4_kernel is not None and self.int4_kernel not in INT4_KERNELS:
-            raise OptionError(f"{option_name('int4_kernel', self.int4_kernel)}: choose one of "
-                              f"{', '.join(INT4_KERNELS)}")
+        if self.quant_kernel is not None and self.quant_kernel not in QUANT_KERNELS:
+            raise OptionError(f"{option_name('quant_kernel', self.quant_kernel)}: choose one of "
+                              f"{', '.join(QUANT_KERNELS)}")
         if self.trunk is not None and self.trunk not in TRUNK_FORMATS:
             raise OptionError(f"{option_name('trunk', self.trunk)}: choose one of "
                               f"{', '.join(TRUNK_FORMATS)}")
@@ -244,6 +244,11 @@ class RuntimeOptions:
                 "torch has no CUDA kernel for int8 weight-only matrix products "
                 f"(aten._weight_int8pack_mm: CPU, MPS and XPU); drop --trunk int8 with "
                 f"{option_name('device', self.device)}")
+        if self.quant_kernel == "int8-dot" and self.device.startswith("cuda"):
+            raise OptionError(
+                f"{option_name('quant_kernel', 'int8-dot')} is a CPU kernel: it runs on "
+                f"{option_name('device', 'cpu')} only (int8 experts on a GPU are dequantized "
+                f"for its GEMM); drop --quant-kernel with {option_name('device', self.device)}")
         if self.hybrid == "always" and not self.device.startswith("cuda"):
             raise OptionError(
                 f"{option_name('hybrid', 'always')} needs {option_name('device', 'cuda')}: it "

@@ -33,8 +33,10 @@ from offload_rt.generation import GenerationConfig, GenerationResult, stream_tex
 from offload_rt.generation_config import read_generation_config
 from offload_rt.model.build import Progress, build_trunk
 from offload_rt.model.experts import ExpertProvider
+from offload_rt.model.int8_linear import use_kernel as use_int8_kernel
 from offload_rt.options import PREFETCH_FLOOR, RuntimeOptions, default_policy, default_prefetch
 from offload_rt.prompt import check_ids, encode_messages, encode_text
+from offload_rt.quant.formats import ExpertFormat
 from offload_rt.quant.select import select_format, select_trunk
 from offload_rt.runtime_plan import plan_runtime
 from offload_rt.sampling import SamplingConfig
@@ -77,7 +79,8 @@ class Runtime:
         self.last_prompt_ids: list[int] = []
         self._resident_stats = EngineStats()
         self.expert_format = select_format(ckpt, options.experts, options.group_size,
-                                           self.dtype, self.device, options.int4_kernel)
+                                           self.dtype, self.device, options.quant_kernel)
+        _check_quant_kernel(options, self.expert_format, ckpt)
         self.plan = plan_runtime(options, self.config, self.dtype, self.device, self.max_seq_len,
                                  file_dtype=ckpt.expert_dtype, fmt=self.expert_format)
         self.options = options = self._choose_policy(self._choose_prefetch(options))
@@ -86,6 +89,8 @@ class Runtime:
         stage = "trunk"
         try:  # a failure frees what was built (prefetch thread, slots, files), then is raised
             self.model = build_trunk(ckpt, self.dtype, self.device, progress, options.trunk)
+            if options.quant_kernel not in (None, "torch"):
+                use_int8_kernel(self.model, options.quant_kernel)
             stage = "experts"
             self.experts = self._experts(progress)
             stage = "kv_cache"
@@ -361,6 +366,19 @@ def load(model_dir: str | Path | None = None, *, progress: Progress | None = Non
     checked = RuntimeOptions(**{**options, "trunk": trunk})
     tokenizer = _fitted_tokenizer(ckpt)
     return Runtime(ckpt, checked, tokenizer, progress)
+
+
+def _check_quant_kernel(options: RuntimeOptions, fmt: ExpertFormat, ckpt: Checkpoint) -> None:
+    """``--quant-kernel int8-dot`` with nothing it computes (float or fp8 experts and a float
+    trunk) is a mistake: OptionError naming what runs instead."""
+    if options.quant_kernel in (None, "torch") or options.trunk == "int8":
+        return
+    if fmt.name not in ("int8", "int4"):
+        where = f"--experts {options.experts}" if options.experts else str(ckpt.model_dir)
+        raise OptionError(
+            f"--quant-kernel {options.quant_kernel} computes int8/int4 experts and an int8 "
+            f"trunk, and this run has neither: its experts run as {fmt.name} ({where}) and its "
+            "trunk as float; drop --quant-kernel, or add --experts int4|int8 or --trunk int8")
 
 
 def _check_request_types(temperature: object, ignore_eos: object) -> None:

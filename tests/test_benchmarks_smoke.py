@@ -149,7 +149,7 @@ def test_linear_bench_times_the_quantized_kernels() -> None:
     assert {(r["matrix"], r["rows"]) for r in q["records"]} == {
         (m, n) for m in ("w1;w3", "w2") for n in (1, many)}
     for r in q["records"]:
-        assert {"bf16", "int8_kernel", "int8_dequant", "int4_kernel"} <= set(r["us"])
+        assert {"bf16", "int8_kernel", "int8_dequant", "quant_kernel"} <= set(r["us"])
         assert all(v > 0 for v in r["us"].values()) and set(r["us_min"]) == set(r["us"])
         assert all(r["us_min"][k] <= v for k, v in r["us"].items())
         # the rule's choice at each row count is reported (1 row: the kernels)

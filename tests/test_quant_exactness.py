@@ -7,8 +7,8 @@ of ``test_engine_exactness`` (a prefill, then decode steps fed with the resident
 tokens), and the same tokens through ``generate``: every policy at minimum capacity, prefetch
 0/1/2, per-layer and global pools, and the CUDA tier layout (disk -> host slots -> device
 slots) run on the CPU. A folder and the on-the-fly quantization of its float source hold the
-same records, so they agree with each other too. "int4-int8dot" is int4 computed by the
-int8-dot kernel (``--int4-kernel int8-dot``, ``quant.int4_dot``).
+same records, so they agree with each other too. "int8-int8dot" and "int4-int8dot" are those
+records computed by the int8-dot kernels (``--quant-kernel int8-dot``, ``quant.int_dot``).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ SPEC = TinySpec(num_experts=4, top_k=2, num_layers=2, hidden_size=64, intermedia
 GROUP = 32
 PROMPT_LEN = DECODE_STEPS = NEW_TOKENS = 12
 MAX_SEQ = 48
-FORMATS = ("int8", "int4", "int4-int8dot")
-KERNELS = {"int4-int8dot": "int8-dot"}  # format -> its --int4-kernel (else torch's)
+FORMATS = ("int8", "int4", "int8-int8dot", "int4-int8dot")
+KERNELS = {"int8-int8dot": "int8-dot", "int4-int8dot": "int8-dot"}  # its --quant-kernel
 SOURCES = ("folder", "on_the_fly")
 POLICIES = ("lru", "lfu", "lrfu", "router", "static")
 
@@ -59,12 +59,12 @@ class QuantReference:
 
 
 def _base(fmt: str) -> str:
-    """The records' format: int4 for "int4-int8dot"."""
+    """The records' format: int8 or int4 for "int8-int8dot" or "int4-int8dot"."""
     return fmt.split("-")[0]
 
 
 def _options(fmt: str, source: str) -> dict[str, object]:
-    kernel = {"int4_kernel": KERNELS[fmt]} if fmt in KERNELS else {}
+    kernel = {"quant_kernel": KERNELS[fmt]} if fmt in KERNELS else {}
     if source == "folder":
         return kernel
     return {"experts": _base(fmt), **({"group_size": GROUP} if _base(fmt) == "int4" else {}),
@@ -77,7 +77,7 @@ def _reference(model_dir: Path, options: dict[str, object]) -> QuantReference:
     with offload_rt.load(model_dir, dtype="float32", offload=False, max_seq_len=MAX_SEQ,
                          **options) as rt:
         assert not rt.offloaded and rt.expert_format.name != "float"
-        assert getattr(rt.expert_format, "kernel", "torch") == options.get("int4_kernel", "torch")
+        assert getattr(rt.expert_format, "kernel", "torch") == options.get("quant_kernel", "torch")
         accesses = count_accesses(rt.experts)
         logits = [rt.model(torch.tensor(prompt), 0)]
         feed: list[int] = []
@@ -238,10 +238,12 @@ def test_int8_on_a_gpu_matches_resident_on_the_gpu(
             assert_same_logits(run_sequence(rt, ref.prompt, ref.feed), want)
 
 
-def test_the_int8_dot_kernel_is_what_runs(reference: Callable[[str, str], QuantReference]) -> None:
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_int8_dot_kernel_is_what_runs(reference: Callable[[str, str], QuantReference],
+                                          fmt: str) -> None:
     """Its own bits (int8 activations), near torch's kernel's on the same records: the
-    int4-int8dot cases above run the kernel they name, not torch's."""
-    dot, torch_kernel = reference("int4-int8dot", "folder"), reference("int4", "folder")
+    -int8dot cases above run the kernel they name, not torch's."""
+    dot, torch_kernel = reference(f"{fmt}-int8dot", "folder"), reference(fmt, "folder")
     assert not all(torch.equal(a, b) for a, b in zip(dot.logits, torch_kernel.logits))
     first = dot.logits[0], torch_kernel.logits[0]
     assert (first[0] - first[1]).abs().max() < 0.05 * first[1].abs().max()

@@ -43,7 +43,9 @@ SPEC = TinySpec(num_experts=4, top_k=2, num_layers=2, hidden_size=64, intermedia
 PROMPT_LEN = 30  # >= INT8_DEQUANT_MIN_ROWS: the prefill dequantizes, decode steps take the kernel
 DECODE_STEPS = NEW_TOKENS = 10
 MAX_SEQ = 64
-EXPERTS = {"float": {}, "int4": {"experts": "int4", "group_size": 32}}
+EXPERTS = {"float": {}, "int4": {"experts": "int4", "group_size": 32},
+           # every int8 matrix and the int4 experts by the int8-dot kernels (quant.int_dot)
+           "int4-int8dot": {"experts": "int4", "group_size": 32, "quant_kernel": "int8-dot"}}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,7 @@ def test_offloaded_matches_resident(model_dir: Path, reference: Callable, expert
                          cache_experts=SPEC.top_k, policy=policy, prefetch=depth, pool=pool,
                          **EXPERTS[experts]) as rt:
         assert rt.offloaded and isinstance(rt.model.lm_head, Int8Linear)
+        assert rt.model.lm_head.kernel == EXPERTS[experts].get("quant_kernel", "torch")
         feed = [int(x[-1].argmax()) for x in want_logits[:-1]]
         got = run_sequence(rt, _prompt(), feed)
         for i, (g, w) in enumerate(zip(got, want_logits, strict=True)):

@@ -27,8 +27,11 @@ class Int8Linear(nn.Module):
 
     ``weight``: int8 [out, in]; ``scale``: [out] in ``scale_dtype``; ``bias`` [out] (compute
     dtype) when ``bias``. Buffers start empty (on ``meta`` when the model is built) and are
-    assigned from ``quantize_rows`` by ``load_state_dict(assign=True)``.
+    assigned from ``quantize_rows`` by ``load_state_dict(assign=True)``. ``kernel``: the
+    few-row kernel of ``quant.kernels.int8_mm`` ("torch" or "int8-dot": ``use_kernel``).
     """
+
+    kernel = "torch"
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str,
                  scale_dtype: torch.dtype, bias: bool = False) -> None:
@@ -42,7 +45,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scale.dtype)  # [T, in]
-        y = int8_mm(rows, self.weight, self.scale)  # [T, out] in the scale dtype
+        y = int8_mm(rows, self.weight, self.scale, self.kernel)  # [T, out] in the scale dtype
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -74,3 +77,11 @@ def use_int8_linears(model: nn.Module, modules: list[str], scale_dtype: torch.dt
         out_features, in_features = old.weight.shape
         setattr(parent, child, Int8Linear(in_features, out_features, old.weight.device,
                                           scale_dtype, bias=old.bias is not None))
+
+
+def use_kernel(model: nn.Module, kernel: str) -> int:
+    """Run every ``Int8Linear`` of ``model`` with ``kernel``; how many there are."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in linears:
+        m.kernel = kernel
+    return len(linears)

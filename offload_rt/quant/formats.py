@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from offload_rt.errors import CheckpointError
 from offload_rt.model.experts import expert_ffn
-from offload_rt.quant import int4_dot, kernels
+from offload_rt.quant import int_dot, kernels
 from offload_rt.quant.int4 import cpu_layout, pack_for_cpu, quantize_int4
 from offload_rt.quant.int4_layout import scheme_of_layout
 from offload_rt.quant.int8 import dequantize_int8, quantize_int8
@@ -34,7 +34,7 @@ from offload_rt.quant.record import PART_ALIGN, RecordLayout
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 NAMES = ("float", "int8", "int4")
-INT4_KERNELS = ("torch", "int8-dot")  # Int4Format.use_kernel
+QUANT_KERNELS = ("torch", "int8-dot")  # _QuantizedFormat.use_kernel
 ENCODE_BLOCK = 2**20  # weights quantized at a time: bounds encode's float32 temporaries
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -127,6 +127,17 @@ class _QuantizedFormat:
     row_align = 1  # rows per block are a multiple of it (int4: the CPU packer's row blocks)
     layout: RecordLayout
     scale_dtype: torch.dtype
+    kernel = "torch"  # or int_dot.NAME (use_kernel): the CPU kernel of few rows
+
+    def use_kernel(self, kernel: str) -> None:
+        """Compute with ``kernel`` ("torch" or "int8-dot": ``kernels.int8_mm`` /
+        ``kernels.int4_mm``) on the CPU; int8-dot is built now (``native.KernelBuildError`` if
+        it cannot be). ValueError for a kernel these records cannot run."""
+        if kernel not in QUANT_KERNELS:
+            raise ValueError(f"kernel {kernel!r}: choose one of {', '.join(QUANT_KERNELS)}")
+        if kernel == int_dot.NAME:
+            int_dot.load()
+        self.kernel = kernel
 
     @property
     def numel(self) -> int:
@@ -196,7 +207,7 @@ class Int8Format(_QuantizedFormat):
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return kernels.int8_mm(x, w, s)
+            return kernels.int8_mm(x, w, s, self.kernel)
         return F.linear(x, dequantize_int8(w, s, x.dtype))
 
     def spec(self) -> dict[str, Any]:
@@ -218,7 +229,6 @@ class Int4Format(_QuantizedFormat):
         self.hidden, self.inter, self.group, self.scale_dtype = hidden, inter, group, scale_dtype
         self.cpu_layout = layout or cpu_layout()
         self.scheme = scheme_of_layout(self.cpu_layout)  # how its nibbles are packed (or None)
-        self.kernel = "torch"  # or int4_dot.NAME (use_kernel): the CPU kernel of few rows
         self.layout = RecordLayout([("w13", torch.uint8, (2 * inter, hidden // 2)),
                                     ("s13", scale_dtype, (hidden // group, 2 * inter, 2)),
                                     ("w2", torch.uint8, (hidden, inter // 2)),
@@ -230,17 +240,10 @@ class Int4Format(_QuantizedFormat):
         s[:, row:row + w.shape[0]] = scale_zero
 
     def use_kernel(self, kernel: str) -> None:
-        """Compute with ``kernel`` ("torch" or "int8-dot", ``kernels.int4_mm``); int8-dot is
-        built now (``native.KernelBuildError`` if it cannot be) and needs a packing
-        ``int4_layout`` knows (ValueError)."""
-        if kernel not in INT4_KERNELS:
-            raise ValueError(f"int4 kernel {kernel!r}: choose one of {', '.join(INT4_KERNELS)}")
-        if kernel == int4_dot.NAME:
-            if self.scheme is None:
-                raise ValueError(f"the int8-dot kernel reads torch's known int4 packings; these "
-                                 f"records' cpu_layout '{self.cpu_layout}' is none of them")
-            int4_dot.load()
-        self.kernel = kernel
+        if kernel == int_dot.NAME and self.scheme is None:
+            raise ValueError(f"the int8-dot kernel reads torch's known int4 packings; these "
+                             f"records' cpu_layout '{self.cpu_layout}' is none of them")
+        super().use_kernel(kernel)
 
     def _mm(self, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         return kernels.int4_mm(x, w, self.group, s, self.scheme, self.kernel)

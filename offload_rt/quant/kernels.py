@@ -39,10 +39,9 @@ their own layout fingerprint names (``int4_layout``), never by what this CPU wou
 Dequantization gives other bits than the kernels (the weights are rounded to the compute dtype
 before the GEMM), well inside the quantization error.
 
-int4 experts can run the ``int8-dot`` kernel instead of torch's (``--int4-kernel int8-dot``;
-``quant.int4_dot``: int8 activations, integer dot products). It is faster than dequantize +
-GEMM up to a few hundred rows (same benchmark machine, one thread, ``small``'s matrices, median
-of 5, microseconds):
+With ``--quant-kernel int8-dot`` the few-row kernels are offload_rt's (``quant.int_dot``: int8
+activations, integer dot products), and the dequantize path starts where those meet it (same
+benchmark machine, one thread, ``small``'s matrices, median of 5, microseconds). int4:
 
 | rows | 64 | 96 | 128 | 192 | 256 | 384 |
 | --- | --- | --- | --- | --- | --- | --- |
@@ -51,7 +50,19 @@ of 5, microseconds):
 | w2 dequantize + GEMM | 7038 | 7760 | 9130 | 13326 | 13234 | 19053 |
 | w2 int8-dot | 3207 | 4651 | 6341 | 9304 | 12495 | 18685 |
 
-so with it the dequantize path starts at ``INT8_DOT_DEQUANT_MIN_ROWS`` (where the two meet).
+(``INT4_DOT_DEQUANT_MIN_ROWS``). int8 (the int8 kernel reads one row of x at a time, so its
+cost grows with every row):
+
+| rows | 8 | 16 | 24 | 32 |
+| --- | --- | --- | --- | --- |
+| [w1; w3] dequantize + GEMM | 4060 | 5194 | 4722 | 3767 |
+| [w1; w3] int8-dot | 3675 | 4034 | 6577 | 7203 |
+| w2 dequantize + GEMM | 1062 | 1333 | 1600 | 1997 |
+| w2 int8-dot | 866 | 1824 | 2763 | 3690 |
+| LM head 32000 x 1024 dequantize + GEMM | 9173 | 11688 | 14683 | 16830 |
+| LM head int8-dot | 8903 | 15604 | 24547 | 31929 |
+
+(``INT8_DOT_DEQUANT_MIN_ROWS``: between 8 and 16).
 """
 
 from __future__ import annotations
@@ -59,14 +70,15 @@ from __future__ import annotations
 import torch
 
 from offload_rt.model.cpu_linear import linear
-from offload_rt.quant import int4_dot, int4_layout
+from offload_rt.quant import int4_layout, int_dot
 from offload_rt.quant.int4_layout import Scheme
 
 # rows of x from which dequantize + GEMM beats the weight-only kernel (module docstring;
 # benchmarks/results/linear_quant_small.json)
 INT8_DEQUANT_MIN_ROWS = 24
 INT4_DEQUANT_MIN_ROWS = 96
-INT8_DOT_DEQUANT_MIN_ROWS = 384  # with --int4-kernel int8-dot (table above)
+INT4_DOT_DEQUANT_MIN_ROWS = 384  # with --quant-kernel int8-dot (tables above)
+INT8_DOT_DEQUANT_MIN_ROWS = 12
 # torch 2.13's aten._weight_int8pack_mm on CPU reads past the end of rows whose K is not a
 # multiple of 16: at K = 24 or 40 with 2-11 rows it crashed (SIGSEGV) or gave errors of ~500
 # (tests/test_quant_kernels.py); those shapes always take the dequantize path
@@ -78,20 +90,24 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-def uses_int8_dequant(x: torch.Tensor) -> bool:
+def uses_int8_dequant(x: torch.Tensor, kernel: str = "torch") -> bool:
     """Whether ``int8_mm`` dequantizes: a CPU call with ``INT8_DEQUANT_MIN_ROWS`` rows or more,
-    or whose ``in_features`` is not a multiple of ``INT8_KERNEL_K_MULTIPLE``."""
-    return x.device.type == "cpu" and (_rows(x) >= INT8_DEQUANT_MIN_ROWS
-                                       or x.shape[-1] % INT8_KERNEL_K_MULTIPLE != 0)
+    or whose ``in_features`` is not a multiple of ``INT8_KERNEL_K_MULTIPLE`` (torch's kernel);
+    with the ``int8-dot`` kernel, ``INT8_DOT_DEQUANT_MIN_ROWS`` rows or more."""
+    if x.device.type != "cpu":
+        return False
+    if kernel != "torch":
+        return _rows(x) >= INT8_DOT_DEQUANT_MIN_ROWS
+    return _rows(x) >= INT8_DEQUANT_MIN_ROWS or x.shape[-1] % INT8_KERNEL_K_MULTIPLE != 0
 
 
 def uses_int4_dequant(x: torch.Tensor, out_features: int, scheme: Scheme | None,
                       kernel: str = "torch") -> bool:
     """Whether ``int4_mm`` dequantizes: ``INT4_DEQUANT_MIN_ROWS`` rows or more
-    (``INT8_DOT_DEQUANT_MIN_ROWS`` with the ``int8-dot`` kernel), and the weight's packing
+    (``INT4_DOT_DEQUANT_MIN_ROWS`` with the ``int8-dot`` kernel), and the weight's packing
     ``scheme`` (``int4_layout.scheme_of_layout`` of its record) is known and holds
     ``out_features`` in whole blocks."""
-    least = INT4_DEQUANT_MIN_ROWS if kernel == "torch" else INT8_DOT_DEQUANT_MIN_ROWS
+    least = INT4_DEQUANT_MIN_ROWS if kernel == "torch" else INT4_DOT_DEQUANT_MIN_ROWS
     return (x.device.type == "cpu" and _rows(x) >= least
             and scheme is not None and out_features % scheme[0] == 0)
 
@@ -106,10 +122,14 @@ def blocks(out_features: int, in_features: int, itemsize: int, align: int = 1) -
     return [slice(start, min(out_features, start + rows)) for start in range(0, out_features, rows)]
 
 
-def int8_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [T, K] (scale dtype, CPU), w int8 [N, K], s [N] -> x @ (w * s).T [T, N]."""
-    if uses_int8_dequant(x):
+def int8_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+            kernel: str = "torch") -> torch.Tensor:
+    """x [T, K] (scale dtype, CPU), w int8 [N, K], s [N] -> x @ (w * s).T [T, N]. ``kernel``:
+    "torch" (torch's weight-only kernel) or "int8-dot" (``quant.int_dot``) for few rows."""
+    if uses_int8_dequant(x, kernel):
         return int8_dequant_mm(x, w, s)
+    if kernel == int_dot.NAME:
+        return int_dot.int8_dot_mm(x, w, s)
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w, s)
 
 
@@ -126,13 +146,13 @@ def int4_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
             scheme: Scheme | None, kernel: str = "torch") -> torch.Tensor:
     """x [T, K] (scale dtype, CPU), w packed uint8 [N, K/2] in ``scheme`` (None: unknown),
     sz [K/G, N, 2] -> [T, N]. ``kernel``: "torch" (torch's weight-only kernel) or "int8-dot"
-    (``quant.int4_dot``; needs a known ``scheme``) below the dequantize path's rows."""
+    (``quant.int_dot``; needs a known ``scheme``) below the dequantize path's rows."""
     if uses_int4_dequant(x, w.shape[0], scheme, kernel):
         assert scheme is not None
         return int4_dequant_mm(x, w, group, sz, scheme)
-    if kernel == int4_dot.NAME:
+    if kernel == int_dot.NAME:
         assert scheme is not None
-        return int4_dot.int4_dot_mm(x, w, group, sz, scheme)
+        return int_dot.int4_dot_mm(x, w, group, sz, scheme)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), w, group, sz)
 
 

@@ -27,6 +27,7 @@ from offload_rt.quant.formats import (
     ExpertFormat,
     FloatFormat,
     Int4Format,
+    Int8Format,
     default_scale_dtype,
     make_format,
 )
@@ -37,31 +38,19 @@ DEFAULT_GROUP_SIZE = 64
 
 def select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,
                   dtype: torch.dtype, device: torch.device,
-                  int4_kernel: str | None = None) -> ExpertFormat:
+                  quant_kernel: str | None = None) -> ExpertFormat:
     """The format ``ckpt``'s experts run in with the ``--experts``/``--group-size`` options
-    (None: the folder's), checked against this machine and ``device``, computed with
-    ``--int4-kernel`` (int4 only). ``OptionError`` naming the flags (``native.KernelBuildError``
-    when the int8-dot kernel cannot be built), or ``CheckpointError`` naming the folder's
-    config.json."""
+    (None: the folder's), checked against this machine and ``device``; int8 and int4 experts
+    computed with ``--quant-kernel`` (None: torch's). ``OptionError`` naming the flags
+    (``native.KernelBuildError`` when the int8-dot kernel cannot be built), or
+    ``CheckpointError`` naming the folder's config.json."""
     fmt = _select_format(ckpt, experts, group_size, dtype, device)
-    if int4_kernel in (None, "torch"):
-        return fmt
-    if not isinstance(fmt, Int4Format):
-        raise OptionError(f"--int4-kernel {int4_kernel} computes int4 experts, and these run as "
-                          f"{fmt.name} ({_format_source(ckpt, experts)}): drop --int4-kernel, or "
-                          "run int4 experts (--experts int4, or an int4 folder)")
-    try:
-        fmt.use_kernel(int4_kernel)
-    except ValueError as exc:
-        raise OptionError(f"--int4-kernel {int4_kernel}: {exc}") from exc
+    if quant_kernel not in (None, "torch") and isinstance(fmt, (Int8Format, Int4Format)):
+        try:
+            fmt.use_kernel(quant_kernel)
+        except ValueError as exc:
+            raise OptionError(f"--quant-kernel {quant_kernel}: {exc}") from exc
     return fmt
-
-
-def _format_source(ckpt: Checkpoint, experts: str | None) -> str:
-    if experts is not None:
-        return f"--experts {experts}"
-    quant = ckpt.quantization
-    return f"{quant.source}" if quant is not None else f"the float experts of {ckpt.model_dir}"
 
 
 def _select_format(ckpt: Checkpoint, experts: str | None, group_size: int | None,

@@ -1,4 +1,4 @@
-"""The int8-dot int4 kernel (``quant.int4_dot``, ``native/int4_dot.c``): the same bits from the
+"""The int8-dot int4 kernel (``quant.int_dot``, ``native/int_dot.c``): the same bits from the
 AVX-512 VNNI path, the portable C path and the torch reference, for every packing, group size,
 dtype and row count; close to the float product; clear errors when it cannot be built or used."""
 
@@ -12,7 +12,7 @@ import torch
 
 from offload_rt.errors import OptionError
 from offload_rt.options import RuntimeOptions
-from offload_rt.quant import int4_dot, int4_layout, kernels, native
+from offload_rt.quant import int4_layout, int_dot, kernels, native
 from offload_rt.quant.int4 import dequantize_int4, quantize_int4
 
 SCHEMES = int4_layout.SCHEMES
@@ -38,9 +38,9 @@ def _case(scheme: tuple[int, str], group: int, dtype: torch.dtype, rows: int, se
 def test_every_path_gives_the_references_bits(scheme: tuple[int, str], group: int,
                                                dtype: torch.dtype, rows: int) -> None:
     x, q, w, sz = _case(scheme, group, dtype, rows)
-    want = int4_dot.reference(x, q, sz, group)
-    fast = int4_dot.int4_dot_mm(x, w, group, sz, scheme)
-    portable = int4_dot.int4_dot_mm(x, w, group, sz, scheme, portable=True)
+    want = int_dot.int4_reference(x, q, sz, group)
+    fast = int_dot.int4_dot_mm(x, w, group, sz, scheme)
+    portable = int_dot.int4_dot_mm(x, w, group, sz, scheme, portable=True)
     assert fast.dtype == portable.dtype == dtype
     assert torch.equal(_bits(fast), _bits(want))
     assert torch.equal(_bits(portable), _bits(want))
@@ -51,8 +51,8 @@ def test_the_vector_path_is_taken_where_the_cpu_has_it() -> None:
     vectorized; the others always run the portable loop."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     vnni = all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-    assert int4_dot.vector_path((64, "halves")) == vnni
-    assert not int4_dot.vector_path((32, "halves")) and not int4_dot.vector_path((32, "pairs"))
+    assert int_dot.int4_vector_path((64, "halves")) == vnni
+    assert not int_dot.int4_vector_path((32, "halves")) and not int_dot.int4_vector_path((32, "pairs"))
 
 
 def test_threads_do_not_change_the_bits() -> None:
@@ -60,9 +60,9 @@ def test_threads_do_not_change_the_bits() -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+        one = int_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
         torch.set_num_threads(2)
-        two = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+        two = int_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(_bits(one), _bits(two))
@@ -75,7 +75,7 @@ def test_near_the_float_product() -> None:
     q, sz = quantize_int4(w, 64, torch.bfloat16)
     x = torch.randn(4, 1024, generator=gen)
     exact = x @ dequantize_int4(q, sz, 64, torch.float32).t()
-    got = int4_dot.int4_dot_mm(x, int4_layout.pack(q, (64, "halves")), 64, sz, (64, "halves"))
+    got = int_dot.int4_dot_mm(x, int4_layout.pack(q, (64, "halves")), 64, sz, (64, "halves"))
     err = (got - exact).abs().max() / exact.abs().max()
     assert 0 < err < 0.01
 
@@ -86,8 +86,8 @@ def test_zero_and_non_finite_groups() -> None:
     x[0, :64] = 0
     x[1, 70] = float("nan")
     x[2, 5] = float("inf")
-    got = int4_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
-    want = int4_dot.reference(x, q, sz, 64)
+    got = int_dot.int4_dot_mm(x, w, 64, sz, (64, "halves"))
+    want = int_dot.int4_reference(x, q, sz, 64)
     assert torch.isfinite(got[0]).all() and torch.equal(got[0], want[0])
     assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
     assert torch.isnan(want[1]).all() and torch.isnan(want[2]).all()
@@ -96,9 +96,9 @@ def test_zero_and_non_finite_groups() -> None:
 def test_shapes_it_cannot_take_are_refused() -> None:
     x, _q, w, sz = _case((64, "halves"), 64, torch.float32, 1)
     with pytest.raises(ValueError, match="do not fit"):
-        int4_dot.int4_dot_mm(x[:, :500], w, 64, sz, (64, "halves"))
+        int_dot.int4_dot_mm(x[:, :500], w, 64, sz, (64, "halves"))
     with pytest.raises(TypeError, match="bfloat16/float16/float32"):
-        int4_dot.int4_dot_mm(x.double(), w, 64, sz, (64, "halves"))
+        int_dot.int4_dot_mm(x.double(), w, 64, sz, (64, "halves"))
 
 
 def test_rows_from_which_it_dequantizes() -> None:
@@ -116,9 +116,9 @@ def test_a_missing_compiler_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     native.library.cache_clear()
     try:
         with pytest.raises(native.KernelBuildError, match="no-such-cc.*install one") as info:
-            native.library("int4_dot", "--int4-kernel int8-dot")
+            native.library("int_dot", "--quant-kernel int8-dot")
         assert isinstance(info.value, OptionError)
-        assert "--int4-kernel int8-dot" in str(info.value)
+        assert "--quant-kernel int8-dot" in str(info.value)
     finally:
         native.library.cache_clear()
 
@@ -127,14 +127,14 @@ def test_a_failing_build_shows_the_compilers_words(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc 1.0 && exit 0\n"
-                    "echo 'int4_dot.c:1: error: no vectors here' >&2\nexit 3\n")
+                    "echo 'int_dot.c:1: error: no vectors here' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("CC", str(fake))
     native.library.cache_clear()
     try:
-        with pytest.raises(native.KernelBuildError, match=r"exit 3\):\nint4_dot.c:1: error"):
-            native.library("int4_dot", "--int4-kernel int8-dot")
+        with pytest.raises(native.KernelBuildError, match=r"exit 3\):\nint_dot.c:1: error"):
+            native.library("int_dot", "--quant-kernel int8-dot")
         assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-written library left
     finally:
         native.library.cache_clear()
@@ -145,32 +145,91 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path,
     monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(tmp_path))
     native.library.cache_clear()
     try:
-        native.library("int4_dot", "test")
-        built = list(tmp_path.glob("int4_dot-*.so"))
+        native.library("int_dot", "test")
+        built = list(tmp_path.glob("int_dot-*.so"))
         assert len(built) == 1
         stamp = built[0].stat().st_mtime_ns
         native.library.cache_clear()
-        native.library("int4_dot", "test")
+        native.library("int_dot", "test")
         assert built[0].stat().st_mtime_ns == stamp
     finally:
         native.library.cache_clear()
 
 
 def test_option_values_are_checked() -> None:
-    with pytest.raises(OptionError, match="--int4-kernel fast .*torch, int8-dot"):
-        RuntimeOptions(int4_kernel="fast")
-    assert RuntimeOptions(int4_kernel="int8-dot").int4_kernel == "int8-dot"
+    with pytest.raises(OptionError, match="--quant-kernel fast .*torch, int8-dot"):
+        RuntimeOptions(quant_kernel="fast")
+    assert RuntimeOptions(quant_kernel="int8-dot").quant_kernel == "int8-dot"
 
 
-def test_experts_that_are_not_int4_refuse_it(tmp_path: Path) -> None:
+def test_a_run_with_nothing_quantized_refuses_it(tmp_path: Path) -> None:
     from checkpoint_factory import TinySpec, make_hf_checkpoint
 
     import offload_rt
+    from offload_rt.model.int8_linear import Int8Linear
 
     model_dir = make_hf_checkpoint(tmp_path, TinySpec(hidden_size=64, intermediate_size=128))
-    for extra, runs_as in (({}, "float"), ({"experts": "int8"}, "int8")):
-        with pytest.raises(OptionError, match=f"--int4-kernel int8-dot computes int4 experts, "
-                                              f"and these run as {runs_as}"):
-            offload_rt.load(model_dir, int4_kernel="int8-dot", **extra)
-    with offload_rt.load(model_dir, int4_kernel="torch", experts="int8") as rt:  # the default
-        assert rt.expert_format.name == "int8"
+    with pytest.raises(OptionError, match="--quant-kernel int8-dot computes int8/int4 experts "
+                                          "and an int8 trunk, and this run has neither: its "
+                                          "experts run as float"):
+        offload_rt.load(model_dir, quant_kernel="int8-dot")
+    with pytest.raises(OptionError, match="--quant-kernel int8-dot .*is a CPU kernel"):
+        offload_rt.load(model_dir, quant_kernel="int8-dot", device="cuda")
+    with offload_rt.load(model_dir, quant_kernel="int8-dot", trunk="int8") as rt:
+        linears = [m for m in rt.model.modules() if isinstance(m, Int8Linear)]
+        assert linears and all(m.kernel == "int8-dot" for m in linears)
+        assert rt.expert_format.name == "float"
+    with offload_rt.load(model_dir, quant_kernel="int8-dot", experts="int8") as rt:
+        assert getattr(rt.expert_format, "kernel", None) == "int8-dot"
+    with offload_rt.load(model_dir, quant_kernel="torch", experts="int8", trunk="int8") as rt:
+        assert getattr(rt.expert_format, "kernel", None) == "torch"
+        assert all(m.kernel == "torch" for m in rt.model.modules() if isinstance(m, Int8Linear))
+
+
+# ---- int8 weights -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("n", "k"), [(64, 1024), (50, 1024), (48, 96), (32, 24), (80, 3584),
+                                      (16, 1000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_every_path_gives_the_references_bits(n: int, k: int, dtype: torch.dtype,
+                                                   rows: int) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    s = (torch.rand(n, generator=gen) * 0.01).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    want = int_dot.int8_reference(x, w, s)
+    fast = int_dot.int8_dot_mm(x, w, s)
+    portable = int_dot.int8_dot_mm(x, w, s, portable=True)
+    assert fast.dtype == dtype
+    assert torch.equal(_bits(fast), _bits(want)) and torch.equal(_bits(portable), _bits(want))
+
+
+def test_int8_groups_and_vector_path() -> None:
+    assert [int_dot.int8_group(k) for k in (1024, 3584, 96, 24, 1000, 4096)] == \
+        [128, 128, 32, 24, 250, 128]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vnni = all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+    assert int_dot.int8_vector_path(1024) == vnni
+    assert not int_dot.int8_vector_path(24)  # groups of 24: the portable loop
+
+
+def test_int8_near_the_float_product() -> None:
+    from offload_rt.quant.int8 import dequantize_int8, quantize_int8
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 1024, generator=gen)
+    q, s = quantize_int8(w, torch.bfloat16)
+    x = torch.randn(4, 1024, generator=gen)
+    exact = x @ dequantize_int8(q, s, torch.float32).t()
+    err = (int_dot.int8_dot_mm(x, q, s) - exact).abs().max() / exact.abs().max()
+    assert 0 < err < 0.01
+
+
+def test_int8_rows_from_which_it_dequantizes() -> None:
+    for rows, torch_path, dot_path in ((11, False, False), (12, False, True), (24, True, True)):
+        x = torch.zeros(rows, 64)
+        assert kernels.uses_int8_dequant(x) == torch_path
+        assert kernels.uses_int8_dequant(x, "int8-dot") == dot_path
+    assert kernels.uses_int8_dequant(torch.zeros(1, 24))  # torch's kernel: K % 16 != 0
+    assert not kernels.uses_int8_dequant(torch.zeros(1, 24), "int8-dot")

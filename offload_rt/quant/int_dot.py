@@ -1,4 +1,5 @@
-"""The "int8-dot" int4 kernel: activations quantized to int8 per group, integer dot products.
+"""The "int8-dot" kernels: activations quantized to int8 per group, integer dot products with
+int4 (``int4_dot_mm``) or int8 (``int8_dot_mm``) weights.
 
 torch's weight-only int4 kernel (``aten._weight_int4pack_mm_for_cpu``) converts every weight to
 float and multiplies in float32: on this project's AVX-512 machine it runs at ~10 GB/s of
@@ -6,7 +7,7 @@ weights on one thread, compute-bound, while the memory delivers ~27 GB/s. llama.
 approach multiplies 4-bit weights by 8-bit activations in integers (``vpdpbusd``: 64
 multiply-adds per instruction). This kernel does the same on offload_rt's int4 records as they
 are (torch's packing, the record's own scales and zero points, nothing repacked), in C
-(``native/int4_dot.c``, built on first use: ``quant.native``).
+(``native/int_dot.c``, built on first use: ``quant.native``).
 
 Per row t of x and group G of the weights' group size g:
 
@@ -18,9 +19,17 @@ in float32, each operation rounded on its own (the C is built with ``-ffp-contra
 rounded to x's dtype. A group that is all zeros gives sx = 0; one holding NaN or infinity gives
 NaN outputs. Because the sums are integers and the float steps are fixed, the AVX-512 VNNI path,
 the portable C path and ``reference`` (torch) give the same bits on every machine
-(``tests/test_int4_dot.py``). It is not the bits of torch's kernel: the activations lose
+(``tests/test_int_dot.py``). It is not the bits of torch's kernel: the activations lose
 precision to int8 (measured in the README's quality table), so it is a choice a run makes
-(``--int4-kernel int8-dot``), applied the same to resident and offloaded experts.
+(``--quant-kernel int8-dot``), applied the same to resident and offloaded experts.
+
+int8 weights (int8 experts, an int8 trunk: one scale per output channel) are multiplied the same
+way, with the activations' group ``int8_group(K)`` (128 input channels where K allows):
+
+    out[t, n] = (sum over G, in order, of sx * float(sum_{k in G} xq * w[n, k])) * scale[n]
+
+On AVX-512 VNNI 16 rows of w run at once (``vpdpwssd``, 32 products per instruction). torch's
+``aten._weight_int8pack_mm`` reads ~8 GB/s on one thread on the benchmark machine; this ~20.
 """
 
 from __future__ import annotations
@@ -40,11 +49,14 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = native.library("int4_dot", f"--int4-kernel {NAME}")
+    lib = native.library("int_dot", f"--quant-kernel {NAME}")
     lib.ort_quantize_rows.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr]
     lib.ort_int4_dot.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int, _int,
                                  _ptr, _int, _ptr, _int, _int, _int]
     lib.ort_int4_dot_vector.argtypes = [_int, _int]
+    lib.ort_int8_dot.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int, _ptr,
+                                 _int, _int, _int]
+    lib.ort_int8_dot_vector.argtypes = [_i64]
     return lib
 
 
@@ -53,7 +65,18 @@ def load() -> None:
     _lib()
 
 
-def vector_path(scheme: Scheme) -> bool:
+def int8_group(k: int) -> int:
+    """The activations' group for int8 weights of K input channels: 128, 64 or 32 where one
+    divides K (the vector path's sizes), else K's largest divisor up to 256."""
+    return next(d for d in (128, 64, 32, *range(min(k, 256), 0, -1)) if k % d == 0)
+
+
+def int8_vector_path(k: int) -> bool:
+    """Whether this CPU runs the AVX-512 VNNI path for int8 weights of K input channels."""
+    return bool(_lib().ort_int8_dot_vector(int8_group(k)))
+
+
+def int4_vector_path(scheme: Scheme) -> bool:
     """Whether this CPU runs the AVX-512 VNNI path for records packed in ``scheme`` (else the
     portable C loop: the same bits, several times slower)."""
     return bool(_lib().ort_int4_dot_vector(scheme[0], scheme[1] == "pairs"))
@@ -73,12 +96,8 @@ def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
         raise ValueError(f"int4_dot_mm: x [{t}, {k}], w {list(w.shape)}, group {group} and "
                          f"packing {scheme} do not fit")
     x, w, sz = x.contiguous(), w.contiguous(), sz.contiguous()
-    xq = torch.empty(t, k, dtype=torch.int8)
-    sx = torch.empty(t, k // group, dtype=torch.float32)
-    xs = torch.empty(t, k // group, dtype=torch.int32)
+    xq, sx, xs = _quantized_rows(x, group)
     lib = _lib()
-    lib.ort_quantize_rows(x.data_ptr(), _DTYPE_CODES[x.dtype], t, k, group, xq.data_ptr(),
-                          sx.data_ptr(), xs.data_ptr())
     bf16 = x.dtype == torch.bfloat16
     out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
     failed = lib.ort_int4_dot(xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), t, k, group,
@@ -87,6 +106,58 @@ def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
                               torch.get_num_threads(), portable)
     assert not failed
     return out if bf16 else out.to(x.dtype)
+
+
+def _quantized_rows(x: torch.Tensor, group: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize_activations`` by the C code: (xq, sx, X)."""
+    t, k = x.shape
+    xq = torch.empty(t, k, dtype=torch.int8)
+    sx = torch.empty(t, k // group, dtype=torch.float32)
+    xs = torch.empty(t, k // group, dtype=torch.int32)
+    _lib().ort_quantize_rows(x.data_ptr(), _DTYPE_CODES[x.dtype], t, k, group, xq.data_ptr(),
+                             sx.data_ptr(), xs.data_ptr())
+    return xq, sx, xs
+
+
+def int8_dot_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
+                portable: bool = False) -> torch.Tensor:
+    """x [T, K] (bfloat16, float16 or float32, CPU), w int8 [N, K], s [N] (bfloat16, float16 or
+    float32) -> x @ (w * s).T [T, N] in x's dtype, activations in int8 per ``int8_group(K)``
+    (module docstring). ``portable`` forces the portable C path (tests)."""
+    t, k = x.shape
+    n = w.shape[0]
+    if x.dtype not in _DTYPE_CODES or s.dtype not in _DTYPE_CODES:
+        raise TypeError(f"int8_dot_mm takes bfloat16/float16/float32 x and scales, not "
+                        f"{x.dtype} / {s.dtype}")
+    if w.shape != (n, k) or w.dtype != torch.int8 or s.shape != (n,):
+        raise ValueError(f"int8_dot_mm: x [{t}, {k}], w {list(w.shape)} {w.dtype} and scales "
+                         f"{list(s.shape)} do not fit")
+    x, w, s = x.contiguous(), w.contiguous(), s.contiguous()
+    group = int8_group(k)
+    xq, sx, _ = _quantized_rows(x, group)
+    bf16 = x.dtype == torch.bfloat16
+    out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+    failed = _lib().ort_int8_dot(xq.data_ptr(), sx.data_ptr(), t, k, group, w.data_ptr(), n,
+                                 s.data_ptr(), _DTYPE_CODES[s.dtype], out.data_ptr(), bf16,
+                                 torch.get_num_threads(), portable)
+    if failed:
+        raise MemoryError(f"int8_dot_mm: no memory for {t} x {k} int16 activations")
+    return out if bf16 else out.to(x.dtype)
+
+
+def int8_reference(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``int8_dot_mm``'s result in torch: the bits it must give (tests)."""
+    t, k = x.shape
+    group = int8_group(k)
+    ng = k // group
+    xq, sx, _ = quantize_activations(x, group)
+    prods = torch.einsum("tgk,ngk->tgn", xq.view(t, ng, group).to(torch.int64),
+                         w.view(-1, ng, group).to(torch.int64)).to(torch.float32)
+    acc = torch.zeros(t, w.shape[0], dtype=torch.float32)
+    for g in range(ng):
+        acc = acc + sx[:, g, None] * prods[:, g]
+    return (acc * s.float()).to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor, group: int
@@ -106,7 +177,8 @@ def quantize_activations(x: torch.Tensor, group: int
     return xq.view(t, k), sx.view(t, -1), xq.to(torch.int32).sum(dim=-1).to(torch.int32)
 
 
-def reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def int4_reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, group: int
+                   ) -> torch.Tensor:
     """The kernel's result in torch, from the unpacked values q [N, K] in 0..15: the bits
     ``int4_dot_mm`` must give (tests)."""
     t, k = x.shape

@@ -1,5 +1,6 @@
-/* int4 weights x int8 activations: the "int8-dot" CPU kernel of offload_rt's int4 experts.
+/* The "int8-dot" CPU kernels: int4 or int8 weights x activations quantized to int8.
  *
+ * int4 (ort_int4_dot):
  * out[t, n] = sum over groups G of  sx[t,G] * ((float)J * scale[G,n] + (float)X * zero[G,n])
  *   X = sum_{k in G} xq[t,k],  J = sum_{k in G} xq[t,k] * q[n,k] - 8 * X   (both exact int32)
  * with xq = rint(x * (127 / amax)), sx = amax / 127 per row and group of the weights' group size
@@ -7,8 +8,14 @@
  * one of torch's CPU int4 packings, see int4_layout.py). The groups are summed in order, each
  * float operation separately rounded (built with -ffp-contract=off): the AVX-512 VNNI path and
  * the portable path give the same bits, and both the bits of the torch reference in
- * offload_rt/quant/int4_dot.py. The approach (int4 x int8 integer dot products with per-block
- * float scales) is llama.cpp's Q4 x Q8 one; the code is offload_rt's own.
+ * offload_rt/quant/int_dot.py.
+ *
+ * int8 (ort_int8_dot): weights int8 [N, K] (row-major, one scale per row n, quant/int8.py):
+ * out[t, n] = (sum over groups G, in order, of sx[t,G] * (float)I[G, n]) * scale[n]
+ *   I = sum_{k in G} xq[t,k] * w[n,k]   (exact int32)
+ *
+ * The approach (integer dot products of quantized weights and int8 activations with per-block
+ * float scales) is llama.cpp's Q4 x Q8 / Q8 x Q8 one; the code is offload_rt's own.
  */
 #include <math.h>
 #include <stdint.h>
@@ -199,6 +206,102 @@ static int have_vnni(void) {
            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
 }
 #endif
+
+/* ---- int8 weights ---- */
+
+static void rows_int8_portable(const int8_t *w, int64_t K, int64_t g, const int8_t *xq,
+                               const float *sx, int rows, float *o) {
+    for (int c = 0; c < rows; c++) {
+        float acc = 0.0f;
+        for (int64_t gi = 0; gi < K / g; gi++) {
+            int32_t I = 0;
+            for (int64_t k = gi * g; k < (gi + 1) * g; k++)
+                I += (int32_t)xq[k] * (int32_t)w[c * K + k];
+            float u = sx[gi] * (float)I;
+            acc = acc + u;
+        }
+        o[c] = acc;
+    }
+}
+
+#ifdef ORT_X86
+#define ORT_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+ORT_AVX512 static inline __m512i widen32(const int8_t *p) { /* 32 int8 -> 32 int16 */
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* one row at a time, each group's 16 lanes added at once (16 rows interleaved group by group
+ * ran at half the rate from memory: 16 short streams instead of one) */
+ORT_AVX512 static void rows_int8_vnni(const int8_t *w, int64_t K, int64_t g, const int16_t *x16,
+                                      const float *sx, int rows, float *o) {
+    for (int c = 0; c < rows; c++) {
+        const int8_t *row = w + c * K;
+        float acc = 0.0f;
+        for (int64_t gi = 0; gi < K / g; gi++) {
+            __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
+            int64_t k = gi * g;
+            for (; k + 64 <= (gi + 1) * g; k += 64) {
+                a = _mm512_dpwssd_epi32(a, widen32(row + k), _mm512_loadu_si512(x16 + k));
+                b = _mm512_dpwssd_epi32(b, widen32(row + k + 32), _mm512_loadu_si512(x16 + k + 32));
+            }
+            for (; k < (gi + 1) * g; k += 32)
+                a = _mm512_dpwssd_epi32(a, widen32(row + k), _mm512_loadu_si512(x16 + k));
+            int32_t I = _mm512_reduce_add_epi32(_mm512_add_epi32(a, b));
+            float u = sx[gi] * (float)I;
+            acc = acc + u;
+        }
+        o[c] = acc;
+    }
+}
+#endif
+
+/* 1 when this CPU runs the int8 kernel's vector path for group size g, else 0 */
+int ort_int8_dot_vector(int64_t g) {
+#ifdef ORT_X86
+    return g % 32 == 0 && have_vnni();
+#else
+    (void)g;
+    return 0;
+#endif
+}
+
+/* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's int8 sum, times
+ * scale [N] (in sdt). w: int8 [N, K]. */
+int ort_int8_dot(const int8_t *xq, const float *sx, int64_t T, int64_t K, int64_t g,
+                 const int8_t *w, int64_t N, const void *scale, int sdt, void *out, int out_bf16,
+                 int threads, int portable) {
+    if (K % g) return 1;
+    int vector = !portable && ort_int8_dot_vector(g);
+    int64_t G = K / g, nblocks = (N + 15) / 16;
+    int16_t *x16 = NULL;
+    if (vector) {
+        x16 = (int16_t *)malloc(sizeof(int16_t) * (size_t)(T * K));
+        if (!x16) return 2;
+        for (int64_t i = 0; i < T * K; i++) x16[i] = xq[i];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1)
+    for (int64_t b = 0; b < nblocks; b++) {
+        int rows = (int)((N - b * 16) < 16 ? (N - b * 16) : 16);
+        const int8_t *wb = w + b * 16 * K;
+        for (int64_t t = 0; t < T; t++) {
+            float o[16];
+#ifdef ORT_X86
+            if (vector)
+                rows_int8_vnni(wb, K, g, x16 + t * K, sx + t * G, rows, o);
+            else
+#endif
+                rows_int8_portable(wb, K, g, xq + t * K, sx + t * G, rows, o);
+            for (int c = 0; c < rows; c++) {
+                float y = o[c] * value_at(scale, sdt, b * 16 + c);
+                if (out_bf16) ((uint16_t *)out)[t * N + b * 16 + c] = f32_to_bf16(y);
+                else ((float *)out)[t * N + b * 16 + c] = y;
+            }
+        }
+    }
+    free(x16);
+    return 0;
+}
 
 /* 1 when this CPU runs the vector path for (R, pairs), else 0 */
 int ort_int4_dot_vector(int R, int pairs) {
