@@ -5,7 +5,8 @@ A mode's format is part of its name: ``ort_<setting>`` runs the float (bf16) fol
 ``ort_int8_<setting>`` / ``ort_int4_<setting>`` the folders ``offload-rt quantize`` wrote
 (``--int8-dir``, ``--int4-dir``: records read from disk), ``ort_int8load_<setting>`` /
 ``ort_int4load_<setting>`` the float folder quantized as it is read (``experts=``: the disk reads
-bf16 bytes, the CPU encodes each load). ``<setting>`` is ``resident``, ``50_cold``, ``25_cold``,
+bf16 bytes, the CPU encodes each load), ``ort_int8dot_<setting>`` / ``ort_int4dot_<setting>``
+those folders computed by the int8-dot kernels (``--quant-kernel int8-dot``). ``<setting>`` is ``resident``, ``50_cold``, ``25_cold``,
 ``50_warm`` or ``25_warm`` (experts cached per layer: all, 4 or 2 of 8 of that format's own
 experts; page cache dropped or kept).
 """
@@ -17,10 +18,10 @@ import json
 import re
 from pathlib import Path
 
-FORMATS = ("bf16", "int8", "int4", "int8load", "int4load")
+FORMATS = ("bf16", "int8", "int4", "int8load", "int4load", "int8dot", "int4dot")
 SETTINGS = {"resident": (1.0, "warm"), "50_cold": (0.5, "cold"), "50_warm": (0.5, "warm"),
             "25_cold": (0.25, "cold"), "25_warm": (0.25, "warm")}
-PATTERN = re.compile(r"ort_(?:(int8|int4)(load)?_)?(resident|\d+_(?:cold|warm))")
+PATTERN = re.compile(r"ort_(?:(int8|int4)(load|dot)?_)?(resident|\d+_(?:cold|warm))")
 FORMAT_SET = ["ort_resident", "ort_50_cold", "ort_25_cold",
               "ort_int8_resident", "ort_int8_50_cold", "ort_int8_25_cold",
               "ort_int4_resident", "ort_int4_50_cold", "ort_int4_25_cold",
@@ -50,12 +51,13 @@ def source(fmt: str, args: argparse.Namespace) -> tuple[Path, dict]:
     """(folder, load options) of a format."""
     if fmt == "bf16":
         return args.model_dir.resolve(), {}
-    if fmt in ("int8", "int4"):
-        folder = getattr(args, f"{fmt}_dir")
+    if fmt in ("int8", "int4", "int8dot", "int4dot"):
+        base = fmt.removesuffix("dot")
+        folder = getattr(args, f"{base}_dir")
         if folder is None:
-            raise SystemExit(f"ort_{fmt}_* modes need --{fmt}-dir (offload-rt quantize "
-                             f"{args.model_dir} OUT --experts {fmt})")
-        return folder.resolve(), {}
+            raise SystemExit(f"ort_{fmt}_* modes need --{base}-dir (offload-rt quantize "
+                             f"{args.model_dir} OUT --experts {base})")
+        return folder.resolve(), ({"quant_kernel": "int8-dot"} if fmt != base else {})
     name = fmt.removesuffix("load")
     opts: dict = {"experts": name}
     if name == "int4":

@@ -133,6 +133,9 @@ def summarize(runs: dict[str, list[dict]], phys: dict | None) -> dict:
         if parsed and parsed[0] != "bf16":
             setting = mode.split("_", 2)[2]
             pairs[f"{parsed[0]}_{setting}_vs_bf16"] = (mode, f"ort_{setting}")
+            if parsed[0].endswith("dot"):  # the int8-dot kernels against torch's, same records
+                base = parsed[0].removesuffix("dot")
+                pairs[f"{parsed[0]}_{setting}_vs_{base}"] = (mode, f"ort_{base}_{setting}")
     out["comparisons"] = {k: round(med[a] / med[b], 3) for k, (a, b) in pairs.items()
                           if a in med and b in med}
     if phys is not None:

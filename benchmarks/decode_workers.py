@@ -77,6 +77,7 @@ def run_offload_rt(spec: dict, fraction: float, cache: str) -> dict:
            "tokens_per_s": s["tokens_per_s"], "time_to_first_token_s": s["time_to_first_token_s"],
            "engine_stats": {k: v for k, v in s.items() if k != "per_layer"},
            "expert_format": rt.expert_format.spec(), "record_bytes": rt.expert_format.nbytes,
+           "quant_kernel": rt.options.quant_kernel or "torch",
            "torch_threads": torch.get_num_threads(),
            "rss_after_bytes": psutil.Process().memory_info().rss}
     if fraction < 1.0:

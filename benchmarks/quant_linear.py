@@ -8,6 +8,8 @@ For each expert matrix ([w1; w3] and w2 of the ``small`` preset, and of Mixtral 
 * ``int8_dequant``: ``quant.kernels.int8_dequant_mm`` (blocks converted to bf16 + GEMM);
 * ``int4_kernel``: ``aten._weight_int4pack_mm_for_cpu`` (groups of ``--group-size``);
 * ``int4_dequant``: ``quant.kernels.int4_dequant_mm`` (blocks dequantized to bf16 + GEMM);
+* ``int8_dot`` / ``int4_dot``: ``quant.int_dot``'s kernels (``--quant-kernel int8-dot``: int8
+  activations, integer dot products);
 * ``int8_rule`` / ``int4_rule``: which of the two each format runs for that row count
   (``quant.kernels``' static rule).
 
@@ -15,7 +17,9 @@ Timings are interleaved (each repeat times every kernel once, in a rotated order
 sized to about ``target_s``) and the median (``us``) and minimum (``us_min``) over ``repeats``
 are reported: on a shared 2-core machine a one-shot timing was off by 10x. ``crossover`` is,
 per format, the smallest row count measured from which dequantize + GEMM was faster than the
-kernel on every matrix (and stayed so), by medians; ``crossover_min`` by minima.
+kernel on every matrix (and stayed so), by medians; ``crossover_min`` by minima; the
+``int8_dot`` and ``int4_dot`` entries are the int8-dot kernels' against the same dequantize
+paths.
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def _scheme() -> tuple[int, str] | None:
 def _kernels(x: torch.Tensor, w: dict[str, torch.Tensor],
              group: int) -> dict[str, Callable[[], object]]:
     from offload_rt.model.cpu_linear import linear
-    from offload_rt.quant import kernels
+    from offload_rt.quant import int_dot, kernels
 
     aten = torch.ops.aten
     fns: dict[str, Callable[[], object]] = {
@@ -102,6 +106,9 @@ def _kernels(x: torch.Tensor, w: dict[str, torch.Tensor],
     if "q4" in w and kernels.uses_int4_dequant(x.new_empty(10**4, x.shape[1]), w["q4"].shape[0],
                                                scheme):
         fns["int4_dequant"] = lambda: kernels.int4_dequant_mm(x, w["q4"], group, w["sz4"], scheme)
+    fns["int8_dot"] = lambda: int_dot.int8_dot_mm(x, w["q8"], w["s8"])
+    if "q4" in w and scheme is not None:
+        fns["int4_dot"] = lambda: int_dot.int4_dot_mm(x, w["q4"], group, w["sz4"], scheme)
     return fns
 
 
@@ -128,8 +135,11 @@ def quantized(shapes: dict[str, tuple[int, int]], rows: tuple[int, ...], group: 
             "rule": {"int8_dequant_min_rows": kernels.INT8_DEQUANT_MIN_ROWS,
                      "int4_dequant_min_rows": kernels.INT4_DEQUANT_MIN_ROWS,
                      "dequant_block_bytes": kernels.DEQUANT_BLOCK_BYTES},
-            "crossover": {f: crossover(records, f) for f in ("int8", "int4")},
-            "crossover_min": {f: crossover(records, f, "us_min") for f in ("int8", "int4")}}
+            "crossover": {f: crossover(records, f) for f in DOT_FORMATS},
+            "crossover_min": {f: crossover(records, f, "us_min") for f in DOT_FORMATS}}
+
+
+DOT_FORMATS = ("int8", "int4", "int8_dot", "int4_dot")  # crossover entries
 
 
 def crossover(records: list[dict], fmt: str, key: str = "us") -> int | None:
@@ -137,8 +147,9 @@ def crossover(records: list[dict], fmt: str, key: str = "us") -> int | None:
     medians, or ``us_min`` minima) on every matrix at it and every larger row count measured
     (None: never)."""
     wins: dict[int, bool] = {}
+    base, _, dot = fmt.partition("_")  # "int4_dot": int4_dequant against int4_dot
     for r in records:
-        dq, kernel = r[key].get(f"{fmt}_dequant"), r[key].get(f"{fmt}_kernel")
+        dq, kernel = r[key].get(f"{base}_dequant"), r[key].get(fmt if dot else f"{fmt}_kernel")
         if kernel is None:
             continue
         win = dq is not None and dq < kernel

@@ -25,7 +25,9 @@ quantized as it is read (``experts=``), and fp8: a folder written by ``offload-r
 the same experts with the attention projections and LM head in int8 (``trunk="int8"``). ``--check-
 folders`` also writes each quantized format with ``offload-rt quantize`` and checks that the
 folder gives the same logits and tokens as quantizing at load (not the int8-trunk rows: a
-folder's trunk is float).
+folder's trunk is float). ``--int8-dot "int4 g64 + int8 trunk"`` adds a row "<row> + int8-dot"
+for each row named: the same weights multiplied by the int8-dot kernels (``quant_kernel=
+"int8-dot"``: activations quantized to int8 per group, ``offload_rt.quant.int_dot``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ FORMATS = {"bf16": {}, "int8": {"experts": "int8"},
            "int4 g128": {"experts": "int4", "group_size": 128},
            "fp8": {"written": "fp8"}}  # offload-rt quantize --experts fp8, then its folder
 TRUNK_INT8 = " + int8 trunk"  # the suffix of a --trunk-int8 row
+INT8_DOT = " + int8-dot"  # the suffix of an --int8-dot row
 NOT_MEASURED: dict[str, str] = {}
 PROMPTS: list[metrics.Prompt] = [
     "Once upon a time", "The Python interpreter", "A hacker is", "Computers are",
@@ -148,10 +151,19 @@ def with_int8_trunk(formats: dict[str, dict], names: list[str]) -> dict[str, dic
                           for name in names}}
 
 
+def with_int8_dot(formats: dict[str, dict], names: list[str]) -> dict[str, dict]:
+    """``formats`` plus, for each row of ``names``, its row computed by the int8-dot kernels."""
+    unknown = [n for n in names if n not in formats]
+    if unknown:
+        raise SystemExit(f"--int8-dot: unknown row(s) {unknown}; choose of {list(formats)}")
+    return {**formats, **{name + INT8_DOT: {**formats[name], "quant_kernel": "int8-dot"}
+                          for name in names}}
+
+
 def float_trunk(formats: dict[str, dict]) -> dict[str, dict]:
     """The rows whose trunk is float (what ``--check-folders`` compares with a folder; a row
     that is a folder already, fp8, has nothing to compare with)."""
-    return {k: v for k, v in formats.items() if "trunk" not in v}
+    return {k: v for k, v in formats.items() if "trunk" not in v and "quant_kernel" not in v}
 
 
 def markdown(doc: dict) -> str:
@@ -194,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trunk-int8", default="", metavar="NAMES",
                    help="comma-separated formats to run again with an int8 trunk (attention "
                         "projections and LM head: --trunk int8), as '<format> + int8 trunk'")
+    p.add_argument("--int8-dot", default="", metavar="ROWS",
+                   help="comma-separated rows (formats, or '<format> + int8 trunk') to run "
+                        "again with --quant-kernel int8-dot, as '<row> + int8-dot'")
     p.add_argument("--check-folders", action="store_true",
                    help="also run folders written by offload-rt quantize")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/quant_quality"),
@@ -211,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     formats = {k: FORMATS[k] for k in ["bf16", *a.formats.split(",")]}
     formats = with_int8_trunk(formats, [n for n in a.trunk_int8.split(",") if n])
+    formats = with_int8_dot(formats, [n for n in a.int8_dot.split(",") if n])
     start = time.perf_counter()
     doc: dict = {"benchmark": "quant_quality", "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "compute_dtype": "bfloat16",

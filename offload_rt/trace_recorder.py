@@ -160,7 +160,8 @@ def runtime_header(rt: Any, prompt_source: str | None = None,
         hybrid=rt.options.hybrid if offloaded and experts.hybrid is not None else "off",
         metadata={"dtype": str(rt.dtype).removeprefix("torch."),
                   "cache_experts": rt.options.cache_experts,
-                  "experts": rt.expert_format.spec(), **dict(metadata or {})})
+                  "experts": rt.expert_format.spec(),
+                  "quant_kernel": rt.options.quant_kernel or "torch", **dict(metadata or {})})
 
 
 def measured_stats(stats: EngineStats, num_layers: int | None = None) -> dict[str, Any]:

@@ -149,13 +149,15 @@ def test_linear_bench_times_the_quantized_kernels() -> None:
     assert {(r["matrix"], r["rows"]) for r in q["records"]} == {
         (m, n) for m in ("w1;w3", "w2") for n in (1, many)}
     for r in q["records"]:
-        assert {"bf16", "int8_kernel", "int8_dequant", "quant_kernel"} <= set(r["us"])
+        assert {"bf16", "int8_kernel", "int8_dequant", "int4_kernel", "int8_dot",
+                "int4_dot"} <= set(r["us"])
         assert all(v > 0 for v in r["us"].values()) and set(r["us_min"]) == set(r["us"])
         assert all(r["us_min"][k] <= v for k, v in r["us"].items())
         # the rule's choice at each row count is reported (1 row: the kernels)
         assert (r["int8_rule"], r["int4_rule"]) == (("kernel", "kernel") if r["rows"] == 1
                                                     else ("dequant", "dequant"))
-    assert set(q["crossover"]) == set(q["crossover_min"]) == {"int8", "int4"}
+    assert set(q["crossover"]) == set(q["crossover_min"]) == {"int8", "int4", "int8_dot",
+                                                               "int4_dot"}
     assert q["int4_layout"] and doc["threads"] == 1
     assert q["rule"]["int8_dequant_min_rows"] > 1
 
@@ -177,7 +179,7 @@ def tiny_quantized(tiny_bench: tuple[dict, dict]) -> dict[str, Path]:
 def test_decode_bench_runs_expert_formats(tiny_quantized: dict[str, Path],
                                           tmp_path: Path) -> None:
     modes = "ort_resident,ort_25_cold,ort_int4_resident,ort_int4_25_cold,ort_int8load_25_cold," \
-            "ort_int8_resident"
+            "ort_int8_resident,ort_int4dot_resident,ort_int4dot_25_cold"
     out = tmp_path / "formats.json"
     doc = _run(str(BENCH / "decode_bench.py"), str(tiny_quantized["bf16"]), "--modes", modes,
                "--int8-dir", str(tiny_quantized["int8"]), "--int4-dir",
@@ -191,7 +193,11 @@ def test_decode_bench_runs_expert_formats(tiny_quantized: dict[str, Path],
     assert formats["ort_int4_25_cold"] == "int4" and formats["ort_int8load_25_cold"] == "int8"
     assert formats["ort_resident"] == "float"
     phys = doc["physical"]["formats"]
-    assert set(phys) == {"bf16", "int4", "int8load", "int8"}
+    assert set(phys) == {"bf16", "int4", "int8load", "int8", "int4dot"}
+    # int4dot: the int4 folder's records, computed by the int8-dot kernels
+    assert formats["ort_int4dot_25_cold"] == "int4"
+    assert doc["runs"]["ort_int4dot_25_cold"][0]["quant_kernel"] == "int8-dot"
+    assert doc["runs"]["ort_int4_25_cold"][0]["quant_kernel"] == "torch"
     assert phys["int4"]["record_bytes"] < phys["bf16"]["record_bytes"]
     assert phys["int8load"]["encode_s"] > 0 and phys["int4"]["encode_s"] is None
     # records read from disk: a quantized folder's loads are records, at load float matrices
@@ -200,9 +206,10 @@ def test_decode_bench_runs_expert_formats(tiny_quantized: dict[str, Path],
     assert load8["engine_stats"]["bytes_from_disk"] % phys["bf16"]["expert_bytes"] == 0
     limits = doc["summary"]["limits"]
     for mode, fmt in (("ort_25_cold", "bf16"), ("ort_int4_25_cold", "int4"),
-                      ("ort_int8load_25_cold", "int8load")):
+                      ("ort_int8load_25_cold", "int8load"), ("ort_int4dot_25_cold", "int4dot")):
         assert limits[mode]["format"] == fmt and limits[mode]["achieved_over_limit"] > 0
     assert limits["ort_int8load_25_cold"]["cpu_per_load_s"] > 0
+    assert "int4dot_25_cold_vs_int4" in doc["summary"]["comparisons"]
     assert {"int4_25_cold_vs_bf16", "int4_resident_vs_bf16", "int8load_25_cold_vs_bf16"} <= \
         set(doc["summary"]["comparisons"])
     table = subprocess.run([sys.executable, str(BENCH / "decode_bench.py"), "--table", str(out)],

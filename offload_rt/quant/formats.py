@@ -11,10 +11,11 @@
 quantized formats compute in their scale dtype (inputs are cast to it, outputs back). On a CPU
 the kernel is chosen by the number of tokens (``quant.kernels``: torch's weight-only kernels
 for few rows, the weights dequantized block by block + GEMM for many, a static rule by row
-count measured by ``benchmarks/linear_bench.py``); on a GPU int8 is dequantized into a scratch
-buffer for one GEMM (torch has no CUDA int8 weight-only kernel); int4 records hold a CPU kernel
-layout and are refused on a GPU. Every path computes
-an expert from its record alone, so resident and offloaded runs of one format stay bit-identical.
+count measured by ``benchmarks/linear_bench.py``; after ``use_kernel("int8-dot")``
+offload_rt's int8-activation kernels, ``quant.int_dot``, instead of torch's); on a GPU int8 is
+dequantized into a scratch buffer for one GEMM (torch has no CUDA int8 weight-only kernel);
+int4 records hold a CPU kernel layout and are refused on a GPU. Every path computes an expert
+from its record alone, so resident and offloaded runs of one format stay bit-identical.
 """
 
 from __future__ import annotations
