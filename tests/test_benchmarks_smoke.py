@@ -316,3 +316,12 @@ def test_mixtral_bench_refuses_a_tree_it_cannot_run(tmp_path: Path, tree: str,
                            "--setting", "small=", "--tree", tree.format(repo=BENCH.parent)],
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and says in proc.stderr, proc.stderr
+
+
+def test_int_dot_bench_times_both_kernels() -> None:
+    doc = _run(str(BENCH / "int_dot_bench.py"), "--matrices", "small int4 w2,small int8 w1;w3",
+               "--repeats", "2", "--rotation-mib", "8")
+    assert doc["memory_GBps"] > 0 and set(doc["matrices"]) == {"small int4 w2", "small int8 w1;w3"}
+    for m in doc["matrices"].values():
+        assert set(m["us"]) == {"torch", "int8_dot"} and all(v > 0 for v in m["us"].values())
+        assert m["copies"] >= 2 and m["speedup"] > 0

@@ -3,7 +3,7 @@ int4 (``int4_dot_mm``) or int8 (``int8_dot_mm``) weights.
 
 torch's weight-only int4 kernel (``aten._weight_int4pack_mm_for_cpu``) converts every weight to
 float and multiplies in float32: on this project's AVX-512 machine it runs at ~10 GB/s of
-weights on one thread, compute-bound, while the memory delivers ~27 GB/s. llama.cpp's Q4 x Q8
+weights on one thread, compute-bound, while the memory delivers 24-27 GB/s. llama.cpp's Q4 x Q8
 approach multiplies 4-bit weights by 8-bit activations in integers (``vpdpbusd``: 64
 multiply-adds per instruction). This kernel does the same on offload_rt's int4 records as they
 are (torch's packing, the record's own scales and zero points, nothing repacked), in C
@@ -18,7 +18,7 @@ Per row t of x and group G of the weights' group size g:
 in float32, each operation rounded on its own (the C is built with ``-ffp-contract=off``), then
 rounded to x's dtype. A group that is all zeros gives sx = 0; one holding NaN or infinity gives
 NaN outputs. Because the sums are integers and the float steps are fixed, the AVX-512 VNNI path,
-the portable C path and ``reference`` (torch) give the same bits on every machine
+the portable C path and ``int4_reference`` (torch) give the same bits on every machine
 (``tests/test_int_dot.py``). It is not the bits of torch's kernel: the activations lose
 precision to int8 (measured in the README's quality table), so it is a choice a run makes
 (``--quant-kernel int8-dot``), applied the same to resident and offloaded experts.
@@ -28,8 +28,9 @@ way, with the activations' group ``int8_group(K)`` (128 input channels where K a
 
     out[t, n] = (sum over G, in order, of sx * float(sum_{k in G} xq * w[n, k])) * scale[n]
 
-On AVX-512 VNNI 16 rows of w run at once (``vpdpwssd``, 32 products per instruction). torch's
-``aten._weight_int8pack_mm`` reads ~8 GB/s on one thread on the benchmark machine; this ~20.
+On AVX-512 VNNI each row of w is one stream of ``vpdpwssd`` (32 products per instruction).
+torch's ``aten._weight_int8pack_mm`` reads ~8 GB/s on one thread on the benchmark machine; this
+~19 (``benchmarks/int_dot_bench.py``).
 """
 
 from __future__ import annotations

@@ -41,7 +41,9 @@ before the GEMM), well inside the quantization error.
 
 With ``--quant-kernel int8-dot`` the few-row kernels are offload_rt's (``quant.int_dot``: int8
 activations, integer dot products), and the dequantize path starts where those meet it (same
-benchmark machine, one thread, ``small``'s matrices, median of 5, microseconds). int4:
+benchmark machine, one thread, ``small``'s matrices, median of 5, microseconds; the
+``int8_dot`` / ``int4_dot`` rows of ``linear_bench.py --sections quantized`` time the same).
+int4:
 
 | rows | 64 | 96 | 128 | 192 | 256 | 384 |
 | --- | --- | --- | --- | --- | --- | --- |
