@@ -248,7 +248,8 @@ class RuntimeOptions:
             raise OptionError(
                 f"{option_name('quant_kernel', 'int8-dot')} is a CPU kernel: it runs on "
                 f"{option_name('device', 'cpu')} only (int8 experts on a GPU are dequantized "
-                f"for its GEMM); drop --quant-kernel with {option_name('device', self.device)}")
+                f"for its GEMM; int4 experts and an int8 trunk run on the CPU only); drop "
+                f"--quant-kernel with {option_name('device', self.device)}")
         if self.hybrid == "always" and not self.device.startswith("cuda"):
             raise OptionError(
                 f"{option_name('hybrid', 'always')} needs {option_name('device', 'cuda')}: it "

@@ -36,6 +36,7 @@ from offload_rt.model.experts import ExpertProvider
 from offload_rt.model.int8_linear import use_kernel as use_int8_kernel
 from offload_rt.options import PREFETCH_FLOOR, RuntimeOptions, default_policy, default_prefetch
 from offload_rt.prompt import check_ids, encode_messages, encode_text
+from offload_rt.quant import int_dot
 from offload_rt.quant.formats import ExpertFormat
 from offload_rt.quant.select import select_format, select_trunk
 from offload_rt.runtime_plan import plan_runtime
@@ -370,15 +371,17 @@ def load(model_dir: str | Path | None = None, *, progress: Progress | None = Non
 
 def _check_quant_kernel(options: RuntimeOptions, fmt: ExpertFormat, ckpt: Checkpoint) -> None:
     """``--quant-kernel int8-dot`` with nothing it computes (float or fp8 experts and a float
-    trunk) is a mistake: OptionError naming what runs instead."""
-    if options.quant_kernel in (None, "torch") or options.trunk == "int8":
+    trunk) is a mistake: OptionError naming what runs instead. Otherwise its kernels are built
+    now, at start-up (``native.KernelBuildError``), not at the first forward."""
+    if options.quant_kernel in (None, "torch"):
         return
-    if fmt.name not in ("int8", "int4"):
+    if options.trunk != "int8" and fmt.name not in ("int8", "int4"):
         where = f"--experts {options.experts}" if options.experts else str(ckpt.model_dir)
         raise OptionError(
             f"--quant-kernel {options.quant_kernel} computes int8/int4 experts and an int8 "
             f"trunk, and this run has neither: its experts run as {fmt.name} ({where}) and its "
             "trunk as float; drop --quant-kernel, or add --experts int4|int8 or --trunk int8")
+    int_dot.load()
 
 
 def _check_request_types(temperature: object, ignore_eos: object) -> None:

@@ -156,6 +156,93 @@ def test_the_library_is_built_once_into_the_cache(tmp_path: Path,
         native.library.cache_clear()
 
 
+def _fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cc: str | None = None) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", str(cache))
+    if cc is not None:
+        monkeypatch.setenv("CC", cc)
+    native.library.cache_clear()
+    return cache
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_bytes(b"#!/bin/sh\n" + body.encode("latin-1"))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (a helper's break test): a truncated library in the cache crashed the process
+    with SIGBUS when loaded. Its checksum no longer matches, so it is built again."""
+    cache = _fresh_cache(tmp_path, monkeypatch)
+    try:
+        native.library("int_dot", "test")
+        built = next(cache.glob("int_dot-*.so"))
+        whole = built.read_bytes()
+        built.write_bytes(whole[:5000])
+        native.library.cache_clear()
+        native.library("int_dot", "test")
+        assert built.read_bytes() != whole[:5000] and built.stat().st_size > 5000
+        assert built.stat().st_mode & 0o777 == 0o755  # others can load a shared cache's copy
+        assert not list(cache.glob("*.tmp*"))
+    finally:
+        native.library.cache_clear()
+
+
+def test_compilers_that_misbehave_are_named(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regressions (a helper's break test): a compiler printing non-UTF-8 bytes gave a
+    UnicodeDecodeError, one exiting 0 without output left an empty library in the cache, an
+    unbalanced quote in CC a bare ValueError, a blank CC an empty command."""
+    silent = _script(tmp_path / "silent", "exit 0\n")
+    _fresh_cache(tmp_path, monkeypatch, silent)
+    with pytest.raises(native.KernelBuildError, match="silent.*exited 0 but wrote no shared"):
+        native.library("int_dot", "test")
+    assert not list((tmp_path / "cache").glob("*.so"))
+    garbled = _script(tmp_path / "garbled", "printf '\\377\\376 no\\n' >&2; exit 3\n")
+    _fresh_cache(tmp_path, monkeypatch, garbled)
+    with pytest.raises(native.KernelBuildError, match=r"garbled failed \(exit 3\):\n.* no"):
+        native.library("int_dot", "test")
+    _fresh_cache(tmp_path, monkeypatch, 'gcc "')
+    with pytest.raises(native.KernelBuildError, match="the compiler in CC .*cannot be parsed"):
+        native.library("int_dot", "test")
+    _fresh_cache(tmp_path, monkeypatch, "   ")  # blank: cc
+    try:
+        native.library("int_dot", "test")
+    finally:
+        native.library.cache_clear()
+
+
+def test_the_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OFFLOAD_RT_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored: not absolute
+    assert native.cache_dir() == Path.home() / ".cache" / "offload_rt" / "kernels"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.cache_dir() == tmp_path / "offload_rt" / "kernels"
+    monkeypatch.setenv("OFFLOAD_RT_KERNEL_CACHE", "~/kc")
+    assert native.cache_dir() == Path.home() / "kc"
+
+
+def test_a_trunk_only_run_builds_the_kernel_at_start_up(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (a helper's break test): float experts with --trunk int8 built the kernel at
+    the first forward, so `serve` came up healthy and failed every request."""
+    from checkpoint_factory import TinySpec, make_hf_checkpoint
+
+    import offload_rt
+
+    model_dir = make_hf_checkpoint(tmp_path / "m", TinySpec(hidden_size=64, intermediate_size=128))
+    _fresh_cache(tmp_path, monkeypatch, str(tmp_path / "no-such-cc"))
+    int_dot._lib.cache_clear()
+    try:
+        with pytest.raises(native.KernelBuildError, match="no-such-cc"):
+            offload_rt.load(model_dir, trunk="int8", quant_kernel="int8-dot")
+    finally:
+        native.library.cache_clear()
+        int_dot._lib.cache_clear()
+
+
 def test_option_values_are_checked() -> None:
     with pytest.raises(OptionError, match="--quant-kernel fast .*torch, int8-dot"):
         RuntimeOptions(quant_kernel="fast")

@@ -37,11 +37,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import torch
 
 from offload_rt.quant import native
 from offload_rt.quant.int4_layout import Scheme
+
+log = logging.getLogger(__name__)
 
 NAME = "int8-dot"
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -58,6 +61,10 @@ def _lib() -> ctypes.CDLL:
     lib.ort_int8_dot.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int, _ptr,
                                  _int, _int, _int]
     lib.ort_int8_dot_vector.argtypes = [_i64]
+    if not lib.ort_int8_dot_vector(128):
+        log.warning("--quant-kernel %s: this CPU has no AVX-512 VNNI, so the kernels run their "
+                    "portable C loop: the same results, but slower than the vector path and "
+                    "possibly than torch's kernels", NAME)
     return lib
 
 
