@@ -324,4 +324,8 @@ def test_int_dot_bench_times_both_kernels() -> None:
     assert doc["memory_GBps"] > 0 and set(doc["matrices"]) == {"small int4 w2", "small int8 w1;w3"}
     for m in doc["matrices"].values():
         assert set(m["us"]) == {"torch", "int8_dot"} and all(v > 0 for v in m["us"].values())
-        assert m["copies"] >= 2 and m["speedup"] > 0
+        assert m["copies"] >= 2 and m["speedup"] > 0 and m["path"] is not None
+    forced = _run(str(BENCH / "int_dot_bench.py"), "--matrices", "small int4 w2", "--repeats",
+                  "1", "--rotation-mib", "4", "--path", "portable", "--packing", "32")
+    assert forced["matrices"]["small int4 w2"]["path"] == "portable"
+    assert forced["matrices"]["small int4 w2"]["packing"] == [32, "halves"]

@@ -39,20 +39,32 @@ def test_every_path_gives_the_references_bits(scheme: tuple[int, str], group: in
                                                dtype: torch.dtype, rows: int) -> None:
     x, q, w, sz = _case(scheme, group, dtype, rows)
     want = int_dot.int4_reference(x, q, sz, group)
-    fast = int_dot.int4_dot_mm(x, w, group, sz, scheme)
-    portable = int_dot.int4_dot_mm(x, w, group, sz, scheme, portable=True)
-    assert fast.dtype == portable.dtype == dtype
-    assert torch.equal(_bits(fast), _bits(want))
-    assert torch.equal(_bits(portable), _bits(want))
+    paths = [p for p in ("best", "portable", "avx2", "vnni") if int_dot.int4_path(scheme, p)]
+    for path in paths:
+        got = int_dot.int4_dot_mm(x, w, group, sz, scheme, path=path)
+        assert got.dtype == dtype
+        assert torch.equal(_bits(got), _bits(want)), path
 
 
-def test_the_vector_path_is_taken_where_the_cpu_has_it() -> None:
-    """On a CPU with AVX-512 VNNI (this project's benchmark machine) the AVX-512 packing runs
-    vectorized; the others always run the portable loop."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vnni = all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-    assert int_dot.int4_vector_path((64, "halves")) == vnni
-    assert not int_dot.int4_vector_path((32, "halves")) and not int_dot.int4_vector_path((32, "pairs"))
+def _cpu_flags() -> tuple[bool, bool]:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    vnni = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"))
+    return vnni, all(f in flags for f in ("avx2", "f16c"))
+
+
+def test_the_fastest_path_the_cpu_has_is_taken() -> None:
+    """AVX-512 VNNI for torch's AVX-512 packing, AVX2 for it and torch's AVX2 packing, the
+    portable loop for the scalar packing and on CPUs with neither."""
+    vnni, avx2 = _cpu_flags()
+    vector = "avx2" if avx2 else "portable"
+    assert int_dot.int4_path((64, "halves")) == ("vnni" if vnni else vector)
+    assert int_dot.int4_path((32, "halves")) == vector
+    assert int_dot.int4_path((32, "pairs")) == "portable"
+    assert int_dot.int4_path((32, "halves"), "vnni") is None
+    assert int_dot.int4_path((64, "halves"), "avx2") == ("avx2" if avx2 else None)
+    x, _q, w, sz = _case((32, "pairs"), 64, torch.float32, 1)
+    with pytest.raises(ValueError, match="no avx2 path"):
+        int_dot.int4_dot_mm(x, w, 64, sz, (32, "pairs"), path="avx2")
 
 
 def test_threads_do_not_change_the_bits() -> None:
@@ -180,7 +192,8 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path: Path,
         native.library("int_dot", "test")
         built = next(cache.glob("int_dot-*.so"))
         whole = built.read_bytes()
-        built.write_bytes(whole[:5000])
+        built.unlink()  # a new file: this process has the old one mapped (truncating it in
+        built.write_bytes(whole[:5000])  # place would SIGBUS the process at exit)
         native.library.cache_clear()
         native.library("int_dot", "test")
         assert built.read_bytes() != whole[:5000] and built.stat().st_size > 5000
@@ -286,19 +299,19 @@ def test_int8_every_path_gives_the_references_bits(n: int, k: int, dtype: torch.
     s = (torch.rand(n, generator=gen) * 0.01).to(dtype)
     x = torch.randn(rows, k, generator=gen).to(dtype)
     want = int_dot.int8_reference(x, w, s)
-    fast = int_dot.int8_dot_mm(x, w, s)
-    portable = int_dot.int8_dot_mm(x, w, s, portable=True)
-    assert fast.dtype == dtype
-    assert torch.equal(_bits(fast), _bits(want)) and torch.equal(_bits(portable), _bits(want))
+    for path in [p for p in ("best", "portable", "avx2", "vnni") if int_dot.int8_path(k, p)]:
+        got = int_dot.int8_dot_mm(x, w, s, path=path)
+        assert got.dtype == dtype
+        assert torch.equal(_bits(got), _bits(want)), path
 
 
 def test_int8_groups_and_vector_path() -> None:
     assert [int_dot.int8_group(k) for k in (1024, 3584, 96, 24, 1000, 4096)] == \
         [128, 128, 32, 24, 250, 128]
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    vnni = all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
-    assert int_dot.int8_vector_path(1024) == vnni
-    assert not int_dot.int8_vector_path(24)  # groups of 24: the portable loop
+    vnni, avx2 = _cpu_flags()
+    assert int_dot.int8_path(1024) == ("vnni" if vnni else "avx2" if avx2 else "portable")
+    assert int_dot.int8_path(24) == "portable"  # groups of 24: the portable loop
+    assert int_dot.int8_path(96, "vnni") == ("vnni" if vnni else None)  # groups of 32
 
 
 def test_int8_near_the_float_product() -> None:

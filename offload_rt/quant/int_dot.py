@@ -18,7 +18,8 @@ Per row t of x and group G of the weights' group size g:
 in float32, each operation rounded on its own (the C is built with ``-ffp-contract=off``), then
 rounded to x's dtype. A group that is all zeros gives sx = 0; one holding NaN or infinity gives
 NaN outputs. Because the sums are integers and the float steps are fixed, the AVX-512 VNNI path,
-the portable C path and ``int4_reference`` (torch) give the same bits on every machine
+the AVX2 path (``vpmaddubsw`` + ``vpmaddwd``: torch's AVX-512 and AVX2 packings), the portable C
+path and ``int4_reference`` (torch) give the same bits on every machine
 (``tests/test_int_dot.py``). It is not the bits of torch's kernel: the activations lose
 precision to int8 (measured in the README's quality table), so it is a choice a run makes
 (``--quant-kernel int8-dot``), applied the same to resident and offloaded experts.
@@ -47,6 +48,8 @@ from offload_rt.quant.int4_layout import Scheme
 log = logging.getLogger(__name__)
 
 NAME = "int8-dot"
+# the C code's paths (``path=`` of the kernels: "best" is this CPU's fastest; tests force others)
+PATHS = {"best": 0, "portable": 1, "avx2": 2, "vnni": 3}
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
@@ -57,14 +60,14 @@ def _lib() -> ctypes.CDLL:
     lib.ort_quantize_rows.argtypes = [_ptr, _int, _i64, _i64, _i64, _ptr, _ptr, _ptr]
     lib.ort_int4_dot.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _int, _int,
                                  _ptr, _int, _ptr, _int, _int, _int]
-    lib.ort_int4_dot_vector.argtypes = [_int, _int]
+    lib.ort_int4_dot_path.argtypes = [_int, _int, _int]
     lib.ort_int8_dot.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _int, _ptr,
                                  _int, _int, _int]
-    lib.ort_int8_dot_vector.argtypes = [_i64]
-    if not lib.ort_int8_dot_vector(128):
-        log.warning("--quant-kernel %s: this CPU has no AVX-512 VNNI, so the kernels run their "
-                    "portable C loop: the same results, but slower than the vector path and "
-                    "possibly than torch's kernels", NAME)
+    lib.ort_int8_dot_path.argtypes = [_i64, _int]
+    if lib.ort_int8_dot_path(128, 0) == PATHS["portable"]:
+        log.warning("--quant-kernel %s: this CPU has neither AVX-512 VNNI nor AVX2, so the "
+                    "kernels run their portable C loop: the same results, but slower than the "
+                    "vector paths and possibly than torch's kernels", NAME)
     return lib
 
 
@@ -79,28 +82,33 @@ def int8_group(k: int) -> int:
     return next(d for d in (128, 64, 32, *range(min(k, 256), 0, -1)) if k % d == 0)
 
 
-def int8_vector_path(k: int) -> bool:
-    """Whether this CPU runs the AVX-512 VNNI path for int8 weights of K input channels."""
-    return bool(_lib().ort_int8_dot_vector(int8_group(k)))
+def _path_name(code: int) -> str | None:
+    return next((name for name, c in PATHS.items() if c == code), None)
 
 
-def int4_vector_path(scheme: Scheme) -> bool:
-    """Whether this CPU runs the AVX-512 VNNI path for records packed in ``scheme`` (else the
-    portable C loop: the same bits, several times slower)."""
-    return bool(_lib().ort_int4_dot_vector(scheme[0], scheme[1] == "pairs"))
+def int8_path(k: int, path: str = "best") -> str | None:
+    """The path this CPU runs int8 weights of K input channels on ("vnni": AVX-512 VNNI,
+    "avx2", "portable": plain C) when ``path`` is asked for; None if it lacks that one."""
+    return _path_name(_lib().ort_int8_dot_path(int8_group(k), PATHS[path]))
+
+
+def int4_path(scheme: Scheme, path: str = "best") -> str | None:
+    """The path for int4 records packed in ``scheme``, as ``int8_path`` (the vector paths
+    read torch's AVX-512 and AVX2 packings, "vnni" the AVX-512 one only)."""
+    return _path_name(_lib().ort_int4_dot_path(scheme[0], scheme[1] == "pairs", PATHS[path]))
 
 
 def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
-                scheme: Scheme, portable: bool = False) -> torch.Tensor:
+                scheme: Scheme, path: str = "best") -> torch.Tensor:
     """x [T, K] (bfloat16, float16 or float32, CPU), w packed uint8 [N, K/2] in ``scheme``, sz
     [K/G, N, 2] (scale, zero; bfloat16, float16 or float32) -> [T, N] in x's dtype (module
-    docstring). ``portable`` forces the portable C path (tests)."""
+    docstring). ``path`` forces one of ``PATHS`` (tests; ValueError if this CPU lacks it)."""
     t, k = x.shape
     n = w.shape[0]
     if x.dtype not in _DTYPE_CODES or sz.dtype not in _DTYPE_CODES:
         raise TypeError(f"int4_dot_mm takes bfloat16/float16/float32 x and scales, not "
                         f"{x.dtype} / {sz.dtype}")
-    if k % group or group % 4 or group > 256 or n % scheme[0] or w.shape[1] * 2 != k:
+    if k % group or group % 8 or group > 256 or n % scheme[0] or w.shape[1] * 2 != k:
         raise ValueError(f"int4_dot_mm: x [{t}, {k}], w {list(w.shape)}, group {group} and "
                          f"packing {scheme} do not fit")
     x, w, sz = x.contiguous(), w.contiguous(), sz.contiguous()
@@ -111,7 +119,9 @@ def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
     failed = lib.ort_int4_dot(xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), t, k, group,
                               w.data_ptr(), n, scheme[0], scheme[1] == "pairs", sz.data_ptr(),
                               _DTYPE_CODES[sz.dtype], out.data_ptr(), bf16,
-                              torch.get_num_threads(), portable)
+                              torch.get_num_threads(), PATHS[path])
+    if failed == 3:
+        raise ValueError(f"int4_dot_mm: this CPU has no {path} path for packing {scheme}")
     assert not failed
     return out if bf16 else out.to(x.dtype)
 
@@ -129,10 +139,11 @@ def _quantized_rows(x: torch.Tensor, group: int
 
 
 def int8_dot_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
-                portable: bool = False) -> torch.Tensor:
+                path: str = "best") -> torch.Tensor:
     """x [T, K] (bfloat16, float16 or float32, CPU), w int8 [N, K], s [N] (bfloat16, float16 or
     float32) -> x @ (w * s).T [T, N] in x's dtype, activations in int8 per ``int8_group(K)``
-    (module docstring). ``portable`` forces the portable C path (tests)."""
+    (module docstring). ``path`` forces one of ``PATHS`` (tests; ValueError if this CPU lacks
+    it)."""
     t, k = x.shape
     n = w.shape[0]
     if x.dtype not in _DTYPE_CODES or s.dtype not in _DTYPE_CODES:
@@ -148,7 +159,9 @@ def int8_dot_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
     failed = _lib().ort_int8_dot(xq.data_ptr(), sx.data_ptr(), t, k, group, w.data_ptr(), n,
                                  s.data_ptr(), _DTYPE_CODES[s.dtype], out.data_ptr(), bf16,
-                                 torch.get_num_threads(), portable)
+                                 torch.get_num_threads(), PATHS[path])
+    if failed == 3:
+        raise ValueError(f"int8_dot_mm: this CPU has no {path} path")
     if failed:
         raise MemoryError(f"int8_dot_mm: no memory for {t} x {k} int16 activations")
     return out if bf16 else out.to(x.dtype)

@@ -146,57 +146,157 @@ ORT_VNNI static inline void scales8(const void *sz, int sdt, int64_t at, __m256 
     }
 }
 
+/* vpdpbusd without VNNI: u8 x s8 pairs to int16 (no saturation here: 2 * 15 * 127 < 2^15),
+ * then pairs of those to int32 */
+#define ORT_AVX2 __attribute__((target("avx2,f16c")))
+ORT_AVX2 static inline __m256i dp4_avx2(__m256i acc, __m256i u8, __m256i s8) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8),
+                                                   _mm256_set1_epi16(1)));
+}
+ORT_VNNI static inline __m256i dp4_vnni(__m256i acc, __m256i u8, __m256i s8) {
+    return _mm256_dpbusd_epi32(acc, u8, s8);
+}
+
+/* 8 channels' (scale, zero) at ``at`` without AVX-512 (fp16: converted one by one) */
+ORT_AVX2 static inline void scales8_avx2(const void *sz, int sdt, int64_t at, __m256 *s,
+                                         __m256 *z) {
+    if (sdt == DT_F16) {
+        float sv[8], zv[8];
+        for (int i = 0; i < 8; i++) {
+            sv[i] = value_at(sz, sdt, at + 2 * i);
+            zv[i] = value_at(sz, sdt, at + 2 * i + 1);
+        }
+        *s = _mm256_loadu_ps(sv);
+        *z = _mm256_loadu_ps(zv);
+        return;
+    }
+    if (sdt == DT_F32) {
+        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at), idx);
+        __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at + 8), idx);
+        *s = _mm256_permute2f128_ps(lo, hi, 0x20);
+        *z = _mm256_permute2f128_ps(lo, hi, 0x31);
+        return;
+    }
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + at));
+    *s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+ORT_VNNI static inline void scales8_vnni(const void *sz, int sdt, int64_t at, __m256 *s,
+                                         __m256 *z) {
+    scales8(sz, sdt, at, s, z);
+}
+
+/* 8 int32 sums of 8 channels -> the group's float step into acc (the portable loop's order) */
+#define ORT_GROUP_STEP(TARGET)                                                                \
+    TARGET static inline __m256 group_step_##TARGET(__m256 acc, __m256i sums, int32_t X,      \
+                                                    float sxg, __m256 s, __m256 z) {         \
+        __m256 jf = _mm256_cvtepi32_ps(_mm256_sub_epi32(sums, _mm256_set1_epi32(8 * X)));    \
+        __m256 t = _mm256_add_ps(_mm256_mul_ps(jf, s), _mm256_mul_ps(_mm256_set1_ps((float)X), z)); \
+        return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(sxg), t));                    \
+    }
+ORT_GROUP_STEP(ORT_AVX2)
+ORT_GROUP_STEP(ORT_VNNI)
+
 /* torch's AVX-512 packing (64 rows, byte j of a k-row: rows j and j + 32): 4 k-rows of 32 bytes
  * are interleaved into lanes of 4 consecutive k per row (unpack bytes, then 16-bit pairs) and
- * multiplied by 4 int8 activations per lane (vpdpbusd). The unpacks work within 128-bit lanes:
- * E holds rows 0-3 | 16-19, F 4-7 | 20-23, G 8-11 | 24-27, H 12-15 | 28-31 (+32: high nibbles). */
-ORT_VNNI static void block_row_vnni(const uint8_t *block, const int8_t *xq, const float *sx,
-                                    const int32_t *xs, int64_t K, int64_t g, const void *sz,
-                                    int sdt, int64_t N, int64_t n0, float *o) {
+ * multiplied by 4 int8 activations per lane (vpdpbusd, or its AVX2 equivalent). The unpacks
+ * work within 128-bit lanes: E holds rows 0-3 | 16-19, F 4-7 | 20-23, G 8-11 | 24-27, H 12-15 |
+ * 28-31 (+32: high nibbles). */
+#define ORT_BLOCK_ROW64(TARGET, DP, SCALES)                                                   \
+    TARGET static void block_row64_##DP(const uint8_t *block, const int8_t *xq, const float *sx, \
+                                        const int32_t *xs, int64_t K, int64_t g, const void *sz, \
+                                        int sdt, int64_t N, int64_t n0, float *o) {          \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                            \
+        __m256 acc[8];                                                                        \
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();                             \
+        for (int64_t gi = 0; gi < K / g; gi++) {                                              \
+            __m256i a[8];                                                                     \
+            for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();                        \
+            for (int64_t k = gi * g; k < (gi + 1) * g; k += 4) {                              \
+                const uint8_t *p = block + k * 32;                                            \
+                __m256i r0 = _mm256_loadu_si256((const __m256i *)p);                          \
+                __m256i r1 = _mm256_loadu_si256((const __m256i *)(p + 32));                   \
+                __m256i r2 = _mm256_loadu_si256((const __m256i *)(p + 64));                   \
+                __m256i r3 = _mm256_loadu_si256((const __m256i *)(p + 96));                   \
+                int32_t quad;                                                                 \
+                memcpy(&quad, xq + k, 4);                                                     \
+                __m256i xb = _mm256_set1_epi32(quad);                                         \
+                __m256i A = _mm256_unpacklo_epi8(r0, r1), B = _mm256_unpackhi_epi8(r0, r1);   \
+                __m256i C = _mm256_unpacklo_epi8(r2, r3), D = _mm256_unpackhi_epi8(r2, r3);   \
+                __m256i q[4] = {_mm256_unpacklo_epi16(A, C), _mm256_unpackhi_epi16(A, C),     \
+                                _mm256_unpacklo_epi16(B, D), _mm256_unpackhi_epi16(B, D)};    \
+                for (int i = 0; i < 4; i++) {                                                 \
+                    a[i] = DP(a[i], _mm256_and_si256(q[i], m4), xb);                          \
+                    a[i + 4] = DP(a[i + 4], _mm256_and_si256(_mm256_srli_epi16(q[i], 4), m4), xb); \
+                }                                                                             \
+            }                                                                                 \
+            __m256i rows[8]; /* rows 8i .. 8i + 7 of the block */                             \
+            for (int h = 0; h < 2; h++) {                                                     \
+                rows[4 * h + 0] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x20); \
+                rows[4 * h + 1] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x20); \
+                rows[4 * h + 2] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x31); \
+                rows[4 * h + 3] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x31); \
+            }                                                                                 \
+            for (int i = 0; i < 8; i++) {                                                     \
+                __m256 s, z;                                                                  \
+                SCALES(sz, sdt, (gi * N + n0 + 8 * i) * 2, &s, &z);                           \
+                acc[i] = group_step_##TARGET(acc[i], rows[i], xs[gi], sx[gi], s, z);          \
+            }                                                                                 \
+        }                                                                                     \
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);                      \
+    }
+ORT_BLOCK_ROW64(ORT_VNNI, dp4_vnni, scales8_vnni)
+ORT_BLOCK_ROW64(ORT_AVX2, dp4_avx2, scales8_avx2)
+
+/* torch's AVX2 packing (32 rows, byte j of a 16-byte k-row: rows j and j + 16): k-rows k..k+3
+ * in the low 128-bit lane and k+4..k+7 in the high one, unpacked as above (E: rows 0-3, F 4-7,
+ * G 8-11, H 12-15, +16 high nibbles, each lane a different 4 of k), the lanes added at the
+ * group's end. */
+ORT_AVX2 static void block_row32_avx2(const uint8_t *block, const int8_t *xq, const float *sx,
+                                      const int32_t *xs, int64_t K, int64_t g, const void *sz,
+                                      int sdt, int64_t N, int64_t n0, float *o) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
-    __m256 acc[8];
-    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    __m256 acc[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t gi = 0; gi < K / g; gi++) {
         __m256i a[8];
         for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_si256();
-        for (int64_t k = gi * g; k < (gi + 1) * g; k += 4) {
-            const uint8_t *p = block + k * 32;
-            __m256i r0 = _mm256_loadu_si256((const __m256i *)p);
-            __m256i r1 = _mm256_loadu_si256((const __m256i *)(p + 32));
-            __m256i r2 = _mm256_loadu_si256((const __m256i *)(p + 64));
-            __m256i r3 = _mm256_loadu_si256((const __m256i *)(p + 96));
-            int32_t quad;
-            memcpy(&quad, xq + k, 4);
-            __m256i xb = _mm256_set1_epi32(quad);
-            __m256i A = _mm256_unpacklo_epi8(r0, r1), B = _mm256_unpackhi_epi8(r0, r1);
-            __m256i C = _mm256_unpacklo_epi8(r2, r3), D = _mm256_unpackhi_epi8(r2, r3);
+        for (int64_t k = gi * g; k < (gi + 1) * g; k += 8) {
+            const uint8_t *p = block + k * 16;
+            __m256i r[4];
+            for (int j = 0; j < 4; j++)
+                r[j] = _mm256_loadu2_m128i((const __m128i *)(p + (j + 4) * 16),
+                                           (const __m128i *)(p + j * 16));
+            int32_t lo, hi;
+            memcpy(&lo, xq + k, 4);
+            memcpy(&hi, xq + k + 4, 4);
+            __m256i xb = _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi);
+            __m256i A = _mm256_unpacklo_epi8(r[0], r[1]), B = _mm256_unpackhi_epi8(r[0], r[1]);
+            __m256i C = _mm256_unpacklo_epi8(r[2], r[3]), D = _mm256_unpackhi_epi8(r[2], r[3]);
             __m256i q[4] = {_mm256_unpacklo_epi16(A, C), _mm256_unpackhi_epi16(A, C),
                             _mm256_unpacklo_epi16(B, D), _mm256_unpackhi_epi16(B, D)};
             for (int i = 0; i < 4; i++) {
-                a[i] = _mm256_dpbusd_epi32(a[i], _mm256_and_si256(q[i], m4), xb);
-                a[i + 4] = _mm256_dpbusd_epi32(
-                    a[i + 4], _mm256_and_si256(_mm256_srli_epi16(q[i], 4), m4), xb);
+                a[i] = dp4_avx2(a[i], _mm256_and_si256(q[i], m4), xb);
+                a[i + 4] = dp4_avx2(a[i + 4], _mm256_and_si256(_mm256_srli_epi16(q[i], 4), m4),
+                                    xb);
             }
         }
-        __m256i rows[8]; /* rows 8i .. 8i + 7 of the block */
-        for (int h = 0; h < 2; h++) {
-            rows[4 * h + 0] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x20);
-            rows[4 * h + 1] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x20);
-            rows[4 * h + 2] = _mm256_permute2x128_si256(a[4 * h + 0], a[4 * h + 1], 0x31);
-            rows[4 * h + 3] = _mm256_permute2x128_si256(a[4 * h + 2], a[4 * h + 3], 0x31);
-        }
-        int32_t X = xs[gi];
-        __m256i x8 = _mm256_set1_epi32(8 * X);
-        __m256 xf = _mm256_set1_ps((float)X), sxv = _mm256_set1_ps(sx[gi]);
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < 4; i++) { /* rows 8i .. 8i + 7: (a[2i] | a[2i+1]) lanes added */
+            __m256i x = a[2 * i], y = a[2 * i + 1]; /* rows 0-3 | 4-7, 8-11 | 12-15, ... */
+            __m128i lx = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+            __m128i ly = _mm_add_epi32(_mm256_castsi256_si128(y), _mm256_extracti128_si256(y, 1));
             __m256 s, z;
-            scales8(sz, sdt, (gi * N + n0 + 8 * i) * 2, &s, &z);
-            __m256 jf = _mm256_cvtepi32_ps(_mm256_sub_epi32(rows[i], x8));
-            __m256 t = _mm256_add_ps(_mm256_mul_ps(jf, s), _mm256_mul_ps(xf, z));
-            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(sxv, t));
+            scales8_avx2(sz, sdt, (gi * N + n0 + 8 * i) * 2, &s, &z);
+            acc[i] = group_step_ORT_AVX2(acc[i], _mm256_set_m128i(ly, lx), xs[gi], sx[gi], s, z);
         }
     }
-    for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+    for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+}
+
+static int have_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
 }
 
 static int have_vnni(void) {
@@ -225,7 +325,7 @@ static void rows_int8_portable(const int8_t *w, int64_t K, int64_t g, const int8
 }
 
 #ifdef ORT_X86
-#define ORT_AVX512 __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define ORT_AVX512 ORT_VNNI
 
 ORT_AVX512 static inline __m512i widen32(const int8_t *p) { /* 32 int8 -> 32 int16 */
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
@@ -254,25 +354,56 @@ ORT_AVX512 static void rows_int8_vnni(const int8_t *w, int64_t K, int64_t g, con
         o[c] = acc;
     }
 }
+
+/* the same without AVX-512: 16 products per vpmaddwd */
+ORT_AVX2 static void rows_int8_avx2(const int8_t *w, int64_t K, int64_t g, const int16_t *x16,
+                                    const float *sx, int rows, float *o) {
+    for (int c = 0; c < rows; c++) {
+        const int8_t *row = w + c * K;
+        float acc = 0.0f;
+        for (int64_t gi = 0; gi < K / g; gi++) {
+            __m256i a = _mm256_setzero_si256();
+            for (int64_t k = gi * g; k < (gi + 1) * g; k += 16) {
+                __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+                a = _mm256_add_epi32(a, _mm256_madd_epi16(
+                                            wv, _mm256_loadu_si256((const __m256i *)(x16 + k))));
+            }
+            __m128i h = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+            h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+            float u = sx[gi] * (float)_mm_cvtsi128_si32(h);
+            acc = acc + u;
+        }
+        o[c] = acc;
+    }
+}
 #endif
 
-/* 1 when this CPU runs the int8 kernel's vector path for group size g, else 0 */
-int ort_int8_dot_vector(int64_t g) {
+enum { PATH_BEST = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_VNNI = 3 };
+
+/* The int8 kernel's path for group size g: ``want`` (PATH_*) if this CPU has it, the best one
+ * for PATH_BEST; -1 when the wanted one is missing. */
+int ort_int8_dot_path(int64_t g, int want) {
+    int vnni = 0, avx2 = 0;
 #ifdef ORT_X86
-    return g % 32 == 0 && have_vnni();
-#else
-    (void)g;
-    return 0;
+    vnni = g % 32 == 0 && have_vnni();
+    avx2 = g % 16 == 0 && have_avx2();
 #endif
+    if (want == PATH_BEST) return vnni ? PATH_VNNI : avx2 ? PATH_AVX2 : PATH_PORTABLE;
+    if (want == PATH_VNNI) return vnni ? want : -1;
+    if (want == PATH_AVX2) return avx2 ? want : -1;
+    return PATH_PORTABLE;
 }
 
 /* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's int8 sum, times
  * scale [N] (in sdt). w: int8 [N, K]. */
 int ort_int8_dot(const int8_t *xq, const float *sx, int64_t T, int64_t K, int64_t g,
                  const int8_t *w, int64_t N, const void *scale, int sdt, void *out, int out_bf16,
-                 int threads, int portable) {
+                 int threads, int want) {
     if (K % g) return 1;
-    int vector = !portable && ort_int8_dot_vector(g);
+    int path = ort_int8_dot_path(g, want);
+    if (path < 0) return 3;
+    int vector = path != PATH_PORTABLE;
     int64_t G = K / g, nblocks = (N + 15) / 16;
     int16_t *x16 = NULL;
     if (vector) {
@@ -287,8 +418,10 @@ int ort_int8_dot(const int8_t *xq, const float *sx, int64_t T, int64_t K, int64_
         for (int64_t t = 0; t < T; t++) {
             float o[16];
 #ifdef ORT_X86
-            if (vector)
+            if (path == PATH_VNNI)
                 rows_int8_vnni(wb, K, g, x16 + t * K, sx + t * G, rows, o);
+            else if (path == PATH_AVX2)
+                rows_int8_avx2(wb, K, g, x16 + t * K, sx + t * G, rows, o);
             else
 #endif
                 rows_int8_portable(wb, K, g, xq + t * K, sx + t * G, rows, o);
@@ -303,23 +436,29 @@ int ort_int8_dot(const int8_t *xq, const float *sx, int64_t T, int64_t K, int64_
     return 0;
 }
 
-/* 1 when this CPU runs the vector path for (R, pairs), else 0 */
-int ort_int4_dot_vector(int R, int pairs) {
+/* The int4 kernel's path for packing (R, pairs), as ort_int8_dot_path */
+int ort_int4_dot_path(int R, int pairs, int want) {
+    int vnni = 0, avx2 = 0;
 #ifdef ORT_X86
-    return R == 64 && !pairs && have_vnni();
+    vnni = R == 64 && !pairs && have_vnni();
+    avx2 = (R == 64 || R == 32) && !pairs && have_avx2();
 #else
     (void)R; (void)pairs;
-    return 0;
 #endif
+    if (want == PATH_BEST) return vnni ? PATH_VNNI : avx2 ? PATH_AVX2 : PATH_PORTABLE;
+    if (want == PATH_VNNI) return vnni ? want : -1;
+    if (want == PATH_AVX2) return avx2 ? want : -1;
+    return PATH_PORTABLE;
 }
 
 /* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's sum.
  * w: packed uint8 [N / R blocks][K][R / 2]; sz: [K / g, N, 2] (scale, zero) in sdt. */
 int ort_int4_dot(const int8_t *xq, const float *sx, const int32_t *xs, int64_t T, int64_t K,
                  int64_t g, const uint8_t *w, int64_t N, int R, int pairs, const void *sz,
-                 int sdt, void *out, int out_bf16, int threads, int portable) {
-    if (K % g || g % 4 || N % R || R % 2) return 1;
-    int vector = !portable && ort_int4_dot_vector(R, pairs);
+                 int sdt, void *out, int out_bf16, int threads, int want) {
+    if (K % g || g % 8 || N % R || R % 2) return 1;
+    int path = ort_int4_dot_path(R, pairs, want);
+    if (path < 0) return 3;
     int64_t nblocks = N / R, G = K / g;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && nblocks > 1)
     for (int64_t b = 0; b < nblocks; b++) {
@@ -330,8 +469,12 @@ int ort_int4_dot(const int8_t *xq, const float *sx, const int32_t *xs, int64_t T
             const float *sr = sx + t * G;
             const int32_t *sumr = xs + t * G;
 #ifdef ORT_X86
-            if (vector)
-                block_row_vnni(block, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
+            if (path == PATH_VNNI)
+                block_row64_dp4_vnni(block, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
+            else if (path == PATH_AVX2 && R == 64)
+                block_row64_dp4_avx2(block, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
+            else if (path == PATH_AVX2)
+                block_row32_avx2(block, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
             else
 #endif
                 block_row_portable(block, R, pairs, xr, sr, sumr, K, g, sz, sdt, N, b * R, o);
