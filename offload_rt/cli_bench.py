@@ -113,9 +113,11 @@ def print_summary(r: dict[str, Any], out: IO[str]) -> None:
     m, o = r["median"], r["options"]
     experts = (f"{o['cache_experts_per_layer']:g} experts per layer cached"
                if r["offloaded"] else "every expert resident")
+    kernel = (f", {o['quant_kernel']} kernels" if o.get("quant_kernel") not in (None, "torch")
+              else "")
     print(f"offload-rt bench: {r['model_dir']} ({o['device']}, {o['dtype']}, {experts}, "
-          f"policy {o['policy']}, prefetch {o['prefetch']}, page cache {o['page_cache']})",
-          file=out)
+          f"policy {o['policy']}, prefetch {o['prefetch']}, page cache {o['page_cache']}"
+          f"{kernel})", file=out)
     print(f"median of {r['repeats']} runs ({r['prompt_tokens']}-token prompt, "
           f"{r['new_tokens']} new tokens; engine figures over the decode steps):", file=out)
     rows = [("decode", f"{m['decode_tokens_per_s']:.2f} tok/s"),

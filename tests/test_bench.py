@@ -102,6 +102,15 @@ def test_bench_command_json_and_summary(model_dir: Path,
                  "3"]) == 0
     out, _ = capsys.readouterr()
     assert "every expert resident" in out and "hit rate" not in out
+    assert "kernels" not in out.splitlines()[0]  # torch's, the default: not named
+
+
+def test_bench_summary_names_the_int8_dot_kernels(model_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", str(model_dir), "--no-offload", "--repeats", "1", "--new-tokens", "3",
+                 "--experts", "int8", "--quant-kernel", "int8-dot"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.splitlines()[0].endswith(", int8-dot kernels)")
 
 
 @pytest.mark.parametrize("flag", ["--new-tokens=1", "--repeats=0", "--prompt-tokens=0"])
