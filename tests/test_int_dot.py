@@ -5,6 +5,8 @@ dtype and row count; close to the float product; clear errors when it cannot be 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,20 @@ def test_compilers_that_misbehave_are_named(tmp_path: Path,
         native.library("int_dot", "test")
     finally:
         native.library.cache_clear()
+
+
+def test_a_hung_compiler_is_stopped_with_its_children(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (a helper's break test): a compiler that never returned left its child
+    running after the timeout."""
+    marker = tmp_path / "child.pid"
+    hung = _script(tmp_path / "hung", f"sleep 60 & echo $! > {marker}; wait\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        native._run([hung, "--version"], timeout=1)
+    status = Path(f"/proc/{int(marker.read_text())}/status")
+    time.sleep(0.2)
+    # gone, or dead and waiting for whoever adopted it to reap it
+    assert not status.exists() or "State:\tZ" in status.read_text()
 
 
 def test_the_cache_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

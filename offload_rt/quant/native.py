@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -63,9 +64,18 @@ def _compiler(what: str) -> list[str]:
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """``args`` with their output as text (undecodable bytes replaced)."""
-    return subprocess.run(args, capture_output=True, text=True, errors="replace",
-                          timeout=timeout, check=False)
+    """``args`` with their output as text (undecodable bytes replaced); past ``timeout`` s the
+    whole process group is killed (a compiler driver's children too) and TimeoutExpired
+    raised."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          errors="replace", start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def _compiler_version(cc: list[str], what: str) -> str:
