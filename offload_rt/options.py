@@ -19,7 +19,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 POOLS = ("auto", "layer", "global")
 POOL_CHOICE = {"auto": None, "layer": True, "global": False}  # plan_memory's per_layer
 EXPERT_FORMATS = ("float", "int8", "int4", "fp8")  # fp8: an fp8 checkpoint's own experts only
-QUANT_KERNELS = ("torch", "int8-dot")  # quant.formats.QUANT_KERNELS
+QUANT_KERNELS = ("torch", "int8-dot")  # --quant-kernel; quant.formats' use_kernel too
 TRUNK_FORMATS = ("float", "int8")  # int8: attention projections and LM head (model.int8_linear)
 HYBRID_MODES = ("auto", "off", "always")  # engine.hybrid.MODES (not imported: it needs torch)
 

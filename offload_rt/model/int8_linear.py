@@ -79,9 +79,8 @@ def use_int8_linears(model: nn.Module, modules: list[str], scale_dtype: torch.dt
                                           scale_dtype, bias=old.bias is not None))
 
 
-def use_kernel(model: nn.Module, kernel: str) -> int:
-    """Run every ``Int8Linear`` of ``model`` with ``kernel``; how many there are."""
-    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    for m in linears:
-        m.kernel = kernel
-    return len(linears)
+def use_kernel(model: nn.Module, kernel: str) -> None:
+    """Run every ``Int8Linear`` of ``model`` with ``kernel``."""
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.kernel = kernel

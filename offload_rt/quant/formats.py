@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from offload_rt.errors import CheckpointError
 from offload_rt.model.experts import expert_ffn
+from offload_rt.options import QUANT_KERNELS
 from offload_rt.quant import int_dot, kernels
 from offload_rt.quant.int4 import cpu_layout, pack_for_cpu, quantize_int4
 from offload_rt.quant.int4_layout import scheme_of_layout
@@ -35,7 +36,6 @@ from offload_rt.quant.record import PART_ALIGN, RecordLayout
 
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
 NAMES = ("float", "int8", "int4")
-QUANT_KERNELS = ("torch", "int8-dot")  # _QuantizedFormat.use_kernel
 ENCODE_BLOCK = 2**20  # weights quantized at a time: bounds encode's float32 temporaries
 SCALE_DTYPES = ("bfloat16", "float16", "float32")
 

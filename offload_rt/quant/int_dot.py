@@ -105,25 +105,34 @@ def int4_dot_mm(x: torch.Tensor, w: torch.Tensor, group: int, sz: torch.Tensor,
     docstring). ``path`` forces one of ``PATHS`` (tests; ValueError if this CPU lacks it)."""
     t, k = x.shape
     n = w.shape[0]
-    if x.dtype not in _DTYPE_CODES or sz.dtype not in _DTYPE_CODES:
-        raise TypeError(f"int4_dot_mm takes bfloat16/float16/float32 x and scales, not "
-                        f"{x.dtype} / {sz.dtype}")
+    _check_dtypes("int4_dot_mm", x, sz)
     if k % group or group % 8 or group > 256 or n % scheme[0] or w.shape[1] * 2 != k:
         raise ValueError(f"int4_dot_mm: x [{t}, {k}], w {list(w.shape)}, group {group} and "
                          f"packing {scheme} do not fit")
     x, w, sz = x.contiguous(), w.contiguous(), sz.contiguous()
     xq, sx, xs = _quantized_rows(x, group)
-    lib = _lib()
-    bf16 = x.dtype == torch.bfloat16
-    out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
-    failed = lib.ort_int4_dot(xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), t, k, group,
-                              w.data_ptr(), n, scheme[0], scheme[1] == "pairs", sz.data_ptr(),
-                              _DTYPE_CODES[sz.dtype], out.data_ptr(), bf16,
-                              torch.get_num_threads(), PATHS[path])
+    out, bf16 = _output(x, n)
+    failed = _lib().ort_int4_dot(xq.data_ptr(), sx.data_ptr(), xs.data_ptr(), t, k, group,
+                                 w.data_ptr(), n, scheme[0], scheme[1] == "pairs",
+                                 sz.data_ptr(), _DTYPE_CODES[sz.dtype], out.data_ptr(), bf16,
+                                 torch.get_num_threads(), PATHS[path])
     if failed == 3:
         raise ValueError(f"int4_dot_mm: this CPU has no {path} path for packing {scheme}")
     assert not failed
     return out if bf16 else out.to(x.dtype)
+
+
+def _check_dtypes(name: str, x: torch.Tensor, scales: torch.Tensor) -> None:
+    if x.dtype not in _DTYPE_CODES or scales.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name} takes bfloat16/float16/float32 x and scales, not "
+                        f"{x.dtype} / {scales.dtype}")
+
+
+def _output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
+    """The kernels' output [T, n]: bfloat16 written by the C code for bfloat16 x (True),
+    float32 otherwise (converted to x's dtype after)."""
+    bf16 = x.dtype == torch.bfloat16
+    return torch.empty(x.shape[0], n, dtype=torch.bfloat16 if bf16 else torch.float32), bf16
 
 
 def _quantized_rows(x: torch.Tensor, group: int
@@ -146,17 +155,14 @@ def int8_dot_mm(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     it)."""
     t, k = x.shape
     n = w.shape[0]
-    if x.dtype not in _DTYPE_CODES or s.dtype not in _DTYPE_CODES:
-        raise TypeError(f"int8_dot_mm takes bfloat16/float16/float32 x and scales, not "
-                        f"{x.dtype} / {s.dtype}")
+    _check_dtypes("int8_dot_mm", x, s)
     if w.shape != (n, k) or w.dtype != torch.int8 or s.shape != (n,):
         raise ValueError(f"int8_dot_mm: x [{t}, {k}], w {list(w.shape)} {w.dtype} and scales "
                          f"{list(s.shape)} do not fit")
     x, w, s = x.contiguous(), w.contiguous(), s.contiguous()
     group = int8_group(k)
     xq, sx, _ = _quantized_rows(x, group)
-    bf16 = x.dtype == torch.bfloat16
-    out = torch.empty(t, n, dtype=torch.bfloat16 if bf16 else torch.float32)
+    out, bf16 = _output(x, n)
     failed = _lib().ort_int8_dot(xq.data_ptr(), sx.data_ptr(), t, k, group, w.data_ptr(), n,
                                  s.data_ptr(), _DTYPE_CODES[s.dtype], out.data_ptr(), bf16,
                                  torch.get_num_threads(), PATHS[path])

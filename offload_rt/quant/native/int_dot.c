@@ -127,25 +127,6 @@ static void block_row_portable(const uint8_t *block, int R, int pairs, const int
 #ifdef ORT_X86
 #define ORT_VNNI __attribute__((target("avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-ORT_VNNI static inline void scales8(const void *sz, int sdt, int64_t at, __m256 *s, __m256 *z) {
-    if (sdt == DT_F32) {
-        const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-        __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at), idx);
-        __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps((const float *)sz + at + 8), idx);
-        *s = _mm256_permute2f128_ps(lo, hi, 0x20);
-        *z = _mm256_permute2f128_ps(lo, hi, 0x31);
-        return;
-    }
-    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + at)); /* (s, z) pairs */
-    if (sdt == DT_BF16) {
-        *s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        *z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
-    } else {
-        *s = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF))));
-        *z = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
-    }
-}
-
 /* vpdpbusd without VNNI: u8 x s8 pairs to int16 (no saturation here: 2 * 15 * 127 < 2^15),
  * then pairs of those to int32 */
 #define ORT_AVX2 __attribute__((target("avx2,f16c")))
@@ -182,9 +163,16 @@ ORT_AVX2 static inline void scales8_avx2(const void *sz, int sdt, int64_t at, __
     *s = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     *z = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
 }
+/* the same; fp16 converted 8 at a time (AVX-512VL's vpmovdw) */
 ORT_VNNI static inline void scales8_vnni(const void *sz, int sdt, int64_t at, __m256 *s,
                                          __m256 *z) {
-    scales8(sz, sdt, at, s, z);
+    if (sdt != DT_F16) {
+        scales8_avx2(sz, sdt, at, s, z);
+        return;
+    }
+    __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + at)); /* (s, z) */
+    *s = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF))));
+    *z = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(v, 16)));
 }
 
 /* 8 int32 sums of 8 channels -> the group's float step into acc (the portable loop's order) */
@@ -381,6 +369,15 @@ ORT_AVX2 static void rows_int8_avx2(const int8_t *w, int64_t K, int64_t g, const
 
 enum { PATH_BEST = 0, PATH_PORTABLE = 1, PATH_AVX2 = 2, PATH_VNNI = 3 };
 
+/* ``want`` (PATH_*) if this CPU has it (``vnni``, ``avx2``: whether those paths can run), the
+ * best one for PATH_BEST; -1 when the wanted one is missing */
+static int choose_path(int vnni, int avx2, int want) {
+    if (want == PATH_BEST) return vnni ? PATH_VNNI : avx2 ? PATH_AVX2 : PATH_PORTABLE;
+    if (want == PATH_VNNI) return vnni ? want : -1;
+    if (want == PATH_AVX2) return avx2 ? want : -1;
+    return PATH_PORTABLE;
+}
+
 /* The int8 kernel's path for group size g: ``want`` (PATH_*) if this CPU has it, the best one
  * for PATH_BEST; -1 when the wanted one is missing. */
 int ort_int8_dot_path(int64_t g, int want) {
@@ -389,10 +386,7 @@ int ort_int8_dot_path(int64_t g, int want) {
     vnni = g % 32 == 0 && have_vnni();
     avx2 = g % 16 == 0 && have_avx2();
 #endif
-    if (want == PATH_BEST) return vnni ? PATH_VNNI : avx2 ? PATH_AVX2 : PATH_PORTABLE;
-    if (want == PATH_VNNI) return vnni ? want : -1;
-    if (want == PATH_AVX2) return avx2 ? want : -1;
-    return PATH_PORTABLE;
+    return choose_path(vnni, avx2, want);
 }
 
 /* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's int8 sum, times
@@ -445,10 +439,7 @@ int ort_int4_dot_path(int R, int pairs, int want) {
 #else
     (void)R; (void)pairs;
 #endif
-    if (want == PATH_BEST) return vnni ? PATH_VNNI : avx2 ? PATH_AVX2 : PATH_PORTABLE;
-    if (want == PATH_VNNI) return vnni ? want : -1;
-    if (want == PATH_AVX2) return avx2 ? want : -1;
-    return PATH_PORTABLE;
+    return choose_path(vnni, avx2, want);
 }
 
 /* out [T, N] (float32, or bfloat16 bits when out_bf16) = the module comment's sum.
